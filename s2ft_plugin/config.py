@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_type import ensure_peft_type
+
+SELECTION_STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
+SELECTION_ORDERS = ("large", "small")
+
+
+@dataclass
+class S2FTConfig(PeftConfig):
+    """Configuration of an S²FT (Structured Sparse Fine-Tuning) adapter.
+
+    S²FT trains a few attention heads and FFN channels per transformer block. A head couples rows of q/k/v_proj with
+    columns of o_proj; a channel couples rows of gate/up_proj with a column of down_proj. Units are selected once per
+    block and every targeted projection of the block trains the rows or columns of those units.
+
+    Per-block counts depend only on this config and the model's shapes, so loading rebuilds identical layers before
+    the saved indices (always in the original, unpermuted coordinates) are read.
+
+    Args:
+        target_modules: Projections to adapt. Defaults to ``o_proj`` and ``down_proj`` for Llama-family models: their
+            adapted side is the input, so partial backprop keeps only the selected activations.
+        head_ratio: Fraction of attention heads selected per block (``0 < head_ratio <= 1``).
+        num_heads: Exact number of heads per block; overrides ``head_ratio``.
+        channel_ratio: Fraction of FFN channels selected per block (``0 < channel_ratio <= 1``).
+        num_channels: Exact number of FFN channels per block; overrides ``channel_ratio``.
+        selection: How units are scored: ``random``, ``weight`` (magnitude), ``activation`` (magnitude),
+            ``weight_activation`` (their product) or ``gradient``. Score-based strategies need
+            ``initialize_s2ft_selection(model, dataloader)`` before training.
+        selection_order: ``large`` keeps the highest-scoring units, ``small`` the lowest.
+        seed: Seed of the random strategy (also of the placeholder selection of score-based strategies).
+        permute: Co-permute the coupled weights so that the selected units are contiguous ("compute densely").
+            The permutation preserves the model's function and is undone by ``unload``/``merge_and_unload``.
+        init_weights: ``True`` starts every delta at zero (the adapter leaves outputs unchanged); ``False`` draws
+            small random deltas, which is only useful for tests.
+        modules_to_save: Extra modules to train and save, as in other PEFT methods.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Projections to adapt; defaults to o_proj and down_proj for Llama-family models."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules to leave alone."}
+    )
+    head_ratio: float = field(default=0.125, metadata={"help": "Fraction of attention heads selected per block."})
+    num_heads: Optional[int] = field(default=None, metadata={"help": "Heads per block; overrides head_ratio."})
+    channel_ratio: float = field(default=0.05, metadata={"help": "Fraction of FFN channels selected per block."})
+    num_channels: Optional[int] = field(default=None, metadata={"help": "Channels per block; overrides channel_ratio."})
+    selection: Literal["random", "weight", "activation", "weight_activation", "gradient"] = field(
+        default="random", metadata={"help": f"Unit scoring strategy, one of {SELECTION_STRATEGIES}."}
+    )
+    selection_order: Literal["large", "small"] = field(
+        default="large", metadata={"help": "Keep the largest or the smallest scores."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the random selection."})
+    permute: bool = field(default=True, metadata={"help": "Co-permute coupled weights so the selection is contiguous."})
+    init_weights: bool = field(default=True, metadata={"help": "Start deltas at zero (False: random, for tests)."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules apart from S2FT layers to train and save."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("S2FT")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        for name in ("head_ratio", "channel_ratio"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"S2FTConfig.{name} must lie in (0, 1], got {value!r}.")
+        for name in ("num_heads", "num_channels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"S2FTConfig.{name} must be a positive int or None, got {value!r}.")
+        if self.selection not in SELECTION_STRATEGIES:
+            raise ValueError(f"S2FTConfig.selection must be one of {SELECTION_STRATEGIES}, got {self.selection!r}.")
+        if self.selection_order not in SELECTION_ORDERS:
+            raise ValueError(
+                f"S2FTConfig.selection_order must be one of {SELECTION_ORDERS}, got {self.selection_order!r}."
+            )
+
+    def unit_count(self, kind: str, total: int) -> int:
+        """Selected units of one block: ``kind`` is ``"heads"`` or ``"channels"``, ``total`` the block's units."""
+        exact, ratio = (self.num_heads, self.head_ratio) if kind == "heads" else (self.num_channels, self.channel_ratio)
+        count = exact if exact is not None else max(1, round(ratio * total))
+        if count > total:
+            raise ValueError(f"S2FTConfig asks for {count} {kind} per block but the model has only {total}.")
+        return count

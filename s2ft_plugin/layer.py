@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+
+from .functional import InputSideDelta, OutputSideDelta
+
+
+class S2FTLayer(BaseTunerLayer):
+    """Adds dense deltas over a few rows (``side="output"``) or columns (``side="input"``) of a frozen projection.
+
+    ``s2ft_indices`` holds the adapted rows/columns in the original coordinates and is saved with the adapter;
+    ``s2ft_positions`` holds where they sit in the (possibly co-permuted) base weight and is rebuilt, never saved.
+    """
+
+    adapter_layer_names = ("s2ft_delta",)
+    other_param_names = ("s2ft_indices", "s2ft_positions", "s2ft_start")
+
+    def __init__(self, base_layer: nn.Module, side: str, unit_size: int, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.side = side
+        self.unit_size = unit_size
+        self.s2ft_delta = nn.ParameterDict({})
+        self.s2ft_indices = BufferDict({}, persistent=True)
+        self.s2ft_positions = BufferDict({}, persistent=False)
+        self.s2ft_start: dict[str, Optional[int]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.kwargs = kwargs
+
+    @property
+    def axis_size(self) -> int:
+        """Rows (output side) or columns (input side) the indices range over."""
+        return self.out_features if self.side == "output" else self.in_features
+
+    def delta_shape(self, count: int) -> tuple[int, int]:
+        return (count, self.in_features) if self.side == "output" else (self.out_features, count)
+
+    def update_layer(self, adapter_name: str, indices: torch.Tensor, init_weights: bool, inference_mode=False):
+        self.check_indices(adapter_name, indices)
+        shape = self.delta_shape(indices.numel())
+        if init_weights:
+            delta = torch.zeros(shape)
+        else:
+            delta = torch.randn(shape) / math.sqrt(shape[1])
+        self.s2ft_delta[adapter_name] = nn.Parameter(delta)
+        self.s2ft_indices[adapter_name] = indices.long()
+        self.set_positions(adapter_name, indices.long())
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def check_indices(self, adapter_name: str, indices: torch.Tensor, expected_count: Optional[int] = None) -> None:
+        """Raise a ValueError naming the problem if ``indices`` cannot address this layer's rows or columns."""
+        where = f"S2FT adapter '{adapter_name}' ({self.side}-side indices of a {self.out_features}x{self.in_features} layer)"
+        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise ValueError(f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}.")
+        if expected_count is not None and indices.numel() != expected_count:
+            raise ValueError(
+                f"{where}: {indices.numel()} indices but the config gives this layer {expected_count}; the adapter was "
+                "trained with another head/channel count or on another model."
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.axis_size):
+            raise ValueError(f"{where}: indices must lie in [0, {self.axis_size}), got [{int(indices.min())}, {int(indices.max())}].")
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError(f"{where}: indices contain duplicates.")
+        if self.unit_size > 1:
+            units = indices.view(-1, self.unit_size) if indices.numel() % self.unit_size == 0 else None
+            offsets = torch.arange(self.unit_size, device=indices.device)
+            if units is None or bool((units[:, 0] % self.unit_size).any()) or not torch.equal(units - units[:, :1], offsets.expand_as(units)):
+                raise ValueError(f"{where}: indices must cover whole heads of {self.unit_size} rows/columns.")
+
+    def set_positions(self, adapter_name: str, positions: torch.Tensor) -> None:
+        """Where the adapter's rows/columns sit in the base weight now (after co-permutation)."""
+        positions = positions.to(self.s2ft_indices[adapter_name].device)
+        self.s2ft_positions[adapter_name] = positions
+        start = int(positions[0])
+        contiguous = torch.equal(positions, torch.arange(start, start + positions.numel(), device=positions.device))
+        self.s2ft_start[adapter_name] = start if contiguous else None
+
+
+class Linear(nn.Module, S2FTLayer):
+    """S²FT on a ``torch.nn.Linear`` projection."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        side: str,
+        unit_size: int,
+        indices: torch.Tensor,
+        init_weights: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        S2FTLayer.__init__(self, base_layer, side=side, unit_size=unit_size, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, indices, init_weights)
+
+    def _add_delta(self, weight: torch.Tensor, adapter_name: str, sign: float) -> None:
+        delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
+        positions = self.s2ft_positions[adapter_name].to(weight.device)
+        weight.index_add_(0 if self.side == "output" else 1, positions, delta, alpha=sign)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.s2ft_delta:
+                continue
+            if safe_merge:
+                merged = weight.data.clone()
+                self._add_delta(merged, name, 1.0)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                weight.data.copy_(merged)
+            else:
+                self._add_delta(weight.data, name, 1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.s2ft_delta:
+                self._add_delta(weight.data, name, -1.0)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        apply_delta = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        for name in self.active_adapters:
+            if name in self.s2ft_delta:
+                delta = self.s2ft_delta[name]
+                result = apply_delta(result, x, delta, self.s2ft_positions[name], self.s2ft_start[name])
+        return result
+
+    def __repr__(self) -> str:
+        return "s2ft." + super().__repr__()

@@ -1,0 +1,89 @@
+"""Small models and a tokenizer built locally, for the offline demo, tests, examples and benchmarks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "Structured sparse fine-tuning trains a few heads and channels of every block.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is two plus three? Answer: five.",
+    "Question: what is the capital of France? Answer: Paris.",
+    "Adapters fuse by addition, switch by overwriting a few columns, and batch by gathering channels.",
+    "0123456789 + - * / = ( ) , . ? ! : ;",
+]
+
+# name -> transformers config overrides; head_dim 32 because vLLM's CPU attention needs head_dim >= 32
+ARCHITECTURES = {
+    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a built-in corpus: any text encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return fast
+
+
+def build_model(
+    architecture: str = "llama",
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 384,
+    seed: int = 0,
+    **overrides,
+):
+    """A randomly initialised causal LM of the given family (see ``ARCHITECTURES``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}.")
+    settings = dict(ARCHITECTURES[architecture])
+    model_type = settings.pop("model_type")
+    settings.update(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_checkpoint(path: str, architecture: str = "llama", **model_kwargs) -> str:
+    """Write a tiny model and its tokenizer to ``path`` (a folder ``from_pretrained`` and vLLM can load)."""
+    os.makedirs(path, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model = build_model(architecture, vocab_size=len(tokenizer), **model_kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

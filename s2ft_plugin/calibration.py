@@ -73,11 +73,12 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
             elif selection == "weight_activation":
                 sums[key] += x.square().sum(0).double().cpu()
             elif output.requires_grad:  # gradient: |dL/dW| summed over rows, per column
-                output.register_hook(
-                    lambda grad: sums[key].add_((grad.reshape(-1, grad.shape[-1]).float().t() @ x).abs().sum(0).double().cpu())
-                )
+                output.register_hook(lambda grad: accumulate_gradient(key, grad, x))
 
         return hook
+
+    def accumulate_gradient(key, grad, x):
+        sums[key] += (grad.reshape(-1, grad.shape[-1]).float().t() @ x).abs().sum(0).double().cpu()
 
     handles = [module.register_forward_hook(make_hook(key)) for key, module in modules.items()]
     embeddings = tuner.model.get_input_embeddings()

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m s2ft_plugin.demo
+	$(PY) examples/quickstart.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,171 @@
+"""Training step time and peak memory: S2FT vs PEFT LoRA (equal trainable parameters) vs full fine-tuning vs the
+frozen-model floor (every weight frozen, backprop to the inputs only), side by side in one process.
+
+LoRA runs twice at S2FT's trainable-parameter count: on the same projections as S2FT (o_proj, down_proj) and on all
+linear projections (the usual LoRA recipe), both without dropout.
+
+Peak memory on CPU is measured as weights + gradients + AdamW state + the activations autograd saves for backward
+(captured with saved-tensor hooks, storages deduplicated, frozen weights excluded). On CUDA it is
+torch.cuda.max_memory_allocated over a step.
+
+    python benchmarks/train_step.py [--device cuda] [--hidden 1024] [--layers 4] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from s2ft_plugin import S2FTConfig
+from s2ft_plugin.tiny import build_model
+
+METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
+LORA_TARGETS = {"lora": ["o_proj", "down_proj"], "lora_all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--head-ratio", type=float, default=0.125)
+    parser.add_argument("--channel-ratio", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    return parser.parse_args()
+
+
+def build(method: str, args):
+    model = build_model(
+        "llama", hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+        max_position_embeddings=args.seq,
+    ).to(args.device, getattr(torch, args.dtype))
+    model.config.use_cache = False
+    if method == "full":
+        model.requires_grad_(True)
+    elif method == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    else:
+        s2ft_config = S2FTConfig(task_type="CAUSAL_LM", head_ratio=args.head_ratio, channel_ratio=args.channel_ratio)
+        if method == "s2ft":
+            model = get_peft_model(model, s2ft_config)
+        else:
+            targets = LORA_TARGETS[method]
+            rank = round(s2ft_trainable(model, s2ft_config) / lora_params_per_rank(model, targets))
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                     target_modules=targets))
+        model.base_model.model.enable_input_require_grads()  # same autograd graph shape as the floor
+    model.train()
+    return model
+
+
+def s2ft_trainable(model, config) -> int:
+    layer = model.model.layers[0]
+    heads = config.unit_count("heads", model.config.num_attention_heads)
+    channels = config.unit_count("channels", layer.mlp.down_proj.in_features)
+    head_dim = layer.self_attn.o_proj.in_features // model.config.num_attention_heads
+    per_layer = layer.self_attn.o_proj.out_features * heads * head_dim + layer.mlp.down_proj.out_features * channels
+    return per_layer * len(model.model.layers)
+
+
+def lora_params_per_rank(model, targets) -> int:
+    modules = [m for name, m in model.model.layers[0].named_modules() if name.rsplit(".", 1)[-1] in targets]
+    return sum(m.in_features + m.out_features for m in modules) * len(model.model.layers)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def step(model, optimizer, batch):
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cpu_peak_bytes(model, optimizer, batch) -> int:
+    """Weights + gradients + optimizer state + activations saved for backward."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = trainable(model)
+    grads = sum(p.numel() * p.element_size() for p in params)
+    optimizer_state = 2 * sum(p.numel() * 4 for p in params) if optimizer is not None else 0
+    model.zero_grad(set_to_none=True)
+    return weights + grads + optimizer_state + sum(saved.values())
+
+
+def cuda_peak_bytes(model, optimizer, batch) -> int:
+    torch.cuda.reset_peak_memory_stats()
+    step(model, optimizer, batch)
+    synchronize("cuda")
+    return torch.cuda.max_memory_allocated()
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    batch = torch.randint(3, args.vocab, (args.batch, args.seq), device=args.device)
+    models = {method: build(method, args) for method in METHODS}
+    optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None) for m, model in models.items()}
+    times = {method: [] for method in METHODS}
+    for round_index in range(args.warmup + args.steps):
+        for method in METHODS:  # interleaved, so drift of the machine hits every method alike
+            synchronize(args.device)
+            start = time.perf_counter()
+            step(models[method], optimizers[method], batch)
+            synchronize(args.device)
+            if round_index >= args.warmup:
+                times[method].append(time.perf_counter() - start)
+    peak = cuda_peak_bytes if args.device.startswith("cuda") else cpu_peak_bytes
+    memory = {method: peak(models[method], optimizers[method], batch) for method in METHODS}
+
+    median = {method: statistics.median(values) for method, values in times.items()}
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    print(f"date {date.today()} | device {args.device} ({where}) | torch {torch.__version__} | dtype {args.dtype}")
+    print(f"llama hidden={args.hidden} intermediate={args.intermediate} heads={args.heads} layers={args.layers} "
+          f"vocab={args.vocab} tokens/step={args.batch}x{args.seq}")
+    print("| method | trainable params | step time (s) | vs floor | vs LoRA (o,down) | vs LoRA (all-linear) "
+          "| peak memory (MiB) | vs floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method in METHODS:
+        count = sum(p.numel() for p in trainable(models[method]))
+        print(f"| {method} | {count:,} | {median[method]:.3f} | {median[method] / median['floor']:.3f}x | "
+              f"{median[method] / median['lora']:.3f}x | {median[method] / median['lora_all_linear']:.3f}x | "
+              f"{memory[method] / 2**20:.1f} | {memory[method] / memory['floor']:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -223,3 +223,21 @@ def test_bf16_autocast_training_step(token_batch):
     loss.backward()
     deltas = [p for n, p in model.named_parameters() if "s2ft_delta" in n]
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in deltas)
+
+
+def test_peft_loads_s2ft_adapters_without_an_explicit_import(token_batch, tmp_path):
+    """The installed start-up hook registers S2FT as soon as peft is imported."""
+    build_model("llama").save_pretrained(tmp_path / "base")
+    model = s2ft("llama", seed=13)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(token_batch, tmp_path / "ids.pt")
+    script = f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r}), {str(tmp_path / 'adapter')!r})
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(model, token_batch), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,150 @@
+"""S2FT -> LoRA conversion, folder checks, tensor-parallel index splitting and the base-token fix, without an engine."""
+
+import json
+import shutil
+import typing
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from vllm_support import ADAPTERS, build_checkpoints
+
+from s2ft_plugin.structure import PROJECTIONS
+from vllm_ext.adapter import SIDES, MalformedS2FTAdapter, read_s2ft_adapter
+from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_convert")
+    return root, *build_checkpoints(root)
+
+
+def test_tables_match_their_sources():
+    from vllm.config.lora import MaxLoRARanks
+
+    assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
+    assert SIDES == {name: side for name, (_, side, _) in PROJECTIONS.items()}
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_converted_lora_merges_to_the_same_weights(checkpoints, name):
+    root, base_dir, adapters = checkpoints
+    lora_dir = convert_s2ft_to_lora(adapters[name], str(root / f"lora_{name}"))
+    config = json.loads(open(f"{lora_dir}/adapter_config.json").read())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == lora_rank(
+        read_s2ft_adapter(adapters[name]).max_k)
+
+    def merged(adapter_dir):
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+    want, got = merged(adapters[name]), merged(lora_dir)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_rank_is_padded_to_vllm_ranks_and_bounded():
+    assert [lora_rank(k) for k in (1, 2, 13, 16, 17, 300, 512)] == [1, 8, 16, 16, 32, 320, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest LoRA rank 512"):
+        lora_rank(513)
+    with pytest.raises(ValueError, match="max_lora_rank=64; start it with --max-lora-rank 128"):
+        lora_rank(100, max_rank=64)
+
+
+def _edit(tensors, config, suffix, fn):
+    key = next(k for k in tensors if k.endswith(suffix))
+    tensors[key] = fn(tensors[key])
+
+
+MALFORMED = {
+    "not S2FT": (lambda t, c: c.update(peft_type="LORA"), "does not declare peft_type 'S2FT'"),
+    "extra tensor": (lambda t, c: t.update({"base_model.model.lm_head.weight": torch.zeros(2, 2)}),
+                     "unexpected tensor"),
+    "unknown projection": (lambda t, c: t.update({k.replace("o_proj", "dense"): v.clone() for k, v in t.items()
+                                                  if "o_proj" in k}), "not 'dense'"),
+    "float indices": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", torch.Tensor.float), "1-D integer"),
+    "duplicates": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", lambda i: i.clone().fill_(3)), "duplicates"),
+    "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), "negative"),
+    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()), "k=13"),
+    "nan": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d * float("nan")), "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_folders_are_refused_with_the_reason(checkpoints, tmp_path, case):
+    _, _, adapters = checkpoints
+    edit, message = MALFORMED[case]
+    folder = tmp_path / "bad"
+    shutil.copytree(adapters["inputs"], folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MalformedS2FTAdapter, match=message):
+        read_s2ft_adapter(str(folder))
+
+
+def test_missing_files_are_refused(tmp_path):
+    with pytest.raises(MalformedS2FTAdapter, match="adapter_config.json is missing"):
+        read_s2ft_adapter(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "S2FT"}))
+    with pytest.raises(MalformedS2FTAdapter, match="adapter_model.safetensors is missing"):
+        read_s2ft_adapter(str(tmp_path))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_shards_add_up_to_the_full_delta(tp):
+    from vllm_ext.layers import shard_s2ft
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    indices = torch.tensor([3, 17, 18, 40, 63])
+    # input side (row-parallel): every rank gathers its own columns, the all-reduce sums the partial outputs
+    delta = torch.randn(8, indices.numel(), dtype=torch.float64)
+    size = 64 // tp
+    partial = []
+    for rank in range(tp):
+        local, local_delta = shard_s2ft(indices, delta, 1, rank * size, size)
+        partial.append(x[:, rank * size:(rank + 1) * size][:, local] @ local_delta.t())
+    torch.testing.assert_close(sum(partial), x[:, indices] @ delta.t())
+    # output side (column-parallel): every rank writes its own rows, the all-gather concatenates them
+    delta = torch.randn(indices.numel(), 16, dtype=torch.float64)
+    h = torch.randn(5, 16, dtype=torch.float64)
+    shards = []
+    for rank in range(tp):
+        local, local_delta = shard_s2ft(indices, delta, 0, rank * size, size)
+        shard = torch.zeros(5, size, dtype=torch.float64)
+        shard[:, local] += h @ local_delta.t()
+        shards.append(shard)
+    full = torch.zeros(5, 64, dtype=torch.float64)
+    full[:, indices] += h @ delta.t()
+    torch.testing.assert_close(torch.cat(shards, dim=1), full)
+
+
+def test_base_tokens_get_no_adapter_in_a_full_lora_batch():
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vllm_ext.punica import BaseSafePunicaWrapperCPU
+
+    torch.manual_seed(0)
+    slots, rank, width = 2, 4, 8
+    lora_a = (torch.randn(slots, 1, rank, width),)
+    lora_b = (torch.randn(slots, 1, width, rank),)
+    x = torch.randn(4, width)
+    mapping = LoRAMapping(index_mapping=(1, 0, 2, 0), prompt_mapping=(1, 0, 2, 0), is_prefill=True)
+    outputs = {}
+    for cls in (PunicaWrapperCPU, BaseSafePunicaWrapperCPU):
+        wrapper = cls(max_num_batched_tokens=8, max_batches=4, device="cpu")
+        wrapper.update_metadata(mapping, [1, 2], slots + 1, 16)
+        outputs[cls] = torch.zeros(4, width)
+        wrapper.add_lora_linear(outputs[cls], x, lora_a, lora_b, 1.0, (width,))
+    expected = torch.stack([x[i] @ lora_a[0][s, 0].t() @ lora_b[0][s, 0].t() if s >= 0 else torch.zeros(width)
+                            for i, s in enumerate((0, -1, 1, -1))])
+    torch.testing.assert_close(outputs[BaseSafePunicaWrapperCPU], expected)
+    assert not torch.allclose(outputs[PunicaWrapperCPU], expected)  # vLLM's own: base rows get the last slot

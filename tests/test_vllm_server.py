@@ -1,0 +1,120 @@
+"""vLLM's OpenAI server on 127.0.0.1 serving S2FT adapters by model name (--lora-modules and runtime loading)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from vllm_support import MAX_LORA_RANK, MAX_TOKENS, build_checkpoints, prompt_ids, reference
+
+STARTUP_TIMEOUT_S = 300
+KV_CACHE_BYTES = 1 << 28  # explicit, so start-up does not depend on how much memory the machine has free
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, body=None):
+    """(status, parsed JSON or text) of a GET (no body) or a JSON POST."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def _tail(path) -> str:
+    return path.read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_server")
+    base_dir, adapters = build_checkpoints(root)
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_dir,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
+               "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+               "--enable-lora", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
+               "--lora-modules", f"math={adapters['inputs']}", f"qa={adapters['outputs']}"]
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{_tail(root / 'server.log')}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not start in {STARTUP_TIMEOUT_S}s:\n{_tail(root / 'server.log')}")
+            try:
+                if _request(f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        yield url, root, base_dir, adapters
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def complete(url, model):
+    status, body = _request(f"{url}/v1/completions", {
+        "model": model, "prompt": prompt_ids(), "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": 1,
+        "return_token_ids": True,
+    })
+    assert status == 200, body
+    choices = sorted(body["choices"], key=lambda choice: choice["index"])
+    return [(choice["token_ids"], choice["logprobs"]["token_logprobs"][0]) for choice in choices]
+
+
+def assert_matches(got, want):
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
+    for (_, got_logprob), (_, want_logprob) in zip(got, want):
+        assert got_logprob == pytest.approx(want_logprob, abs=1e-4)
+
+
+def test_lists_and_serves_adapters_by_model_name(server):
+    url, _, base_dir, adapters = server
+    status, models = _request(f"{url}/v1/models")
+    assert status == 200
+    assert {"math", "qa", base_dir} <= {model["id"] for model in models["data"]}
+    assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))
+    assert_matches(complete(url, "qa"), reference(base_dir, adapters["outputs"]))
+    assert_matches(complete(url, base_dir), reference(base_dir))
+
+
+def test_runtime_load_refuses_a_malformed_folder_and_keeps_serving(server):
+    url, root, base_dir, adapters = server
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "S2FT"}))
+    status, body = _request(f"{url}/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
+    assert status >= 400 and "adapter_model.safetensors is missing" in json.dumps(body)
+
+    status, body = _request(f"{url}/v1/load_lora_adapter", {"lora_name": "both", "lora_path": adapters["both"]})
+    assert status == 200, body
+    assert_matches(complete(url, "both"), reference(base_dir, adapters["both"]))
+    assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))

@@ -1,0 +1,132 @@
+"""Exact S²FT -> LoRA conversion: the path that works on any LoRA server.
+
+An S²FT delta is a rank-k LoRA whose one factor is a one-hot selector: ``x[:, S] D^T = (x E^T) D^T`` with
+``E[j, S_j] = 1`` (input side), and ``y[:, S] += x D^T`` is ``y += (x D^T) E`` (output side). With ``lora_alpha = r``
+the LoRA scaling is 1, so the converted adapter is exact; k is zero-padded to one of vLLM's allowed ranks.
+
+    python -m vllm_ext.convert SRC DST [--base-model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import PREFIX, WEIGHTS_NAME, S2FTAdapter, S2FTModule, check_dims, read_s2ft_adapter
+
+# the values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(k: int, max_rank: int = VLLM_LORA_RANKS[-1]) -> int:
+    """The smallest allowed vLLM LoRA rank that holds ``k`` selected rows/columns; refuse k above ``max_rank``."""
+    if k > VLLM_LORA_RANKS[-1]:
+        raise ValueError(
+            f"The S2FT adapter selects {k} rows/columns in one projection, above vLLM's largest LoRA rank "
+            f"{VLLM_LORA_RANKS[-1]}; serve it merged (PeftModel.merge_and_unload) instead."
+        )
+    rank = next(r for r in VLLM_LORA_RANKS if r >= k)
+    if rank > max_rank:
+        raise ValueError(
+            f"The S2FT adapter selects {k} rows/columns in one projection but the engine runs with "
+            f"max_lora_rank={max_rank}; start it with --max-lora-rank {rank} (or more)."
+        )
+    return rank
+
+
+def lora_factors(module: S2FTModule, axis_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A (rank, in), lora_B (out, rank))`` with ``lora_B @ lora_A`` equal to the module's dense delta."""
+    k = module.k
+    selector = torch.zeros(rank, axis_size, dtype=module.delta.dtype)
+    selector[torch.arange(k), module.indices] = 1
+    if module.side == "input":  # delta (out, k): B = [D | 0], A = E
+        lora_b = torch.zeros(module.delta.shape[0], rank, dtype=module.delta.dtype)
+        lora_b[:, :k] = module.delta
+        return selector, lora_b
+    lora_a = torch.zeros(rank, module.delta.shape[1], dtype=module.delta.dtype)  # delta (k, in): A = [D; 0], B = E^T
+    lora_a[:k] = module.delta
+    return lora_a, selector.t().contiguous()
+
+
+def projection_dims(config) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection S²FT can adapt, from a transformers config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+
+
+def check_against_config(adapter: S2FTAdapter, config, max_rank: int = VLLM_LORA_RANKS[-1]) -> tuple[int, dict]:
+    """Refuse an adapter that does not fit the model of ``config`` (a transformers config) or needs a rank above
+    ``max_rank``; return the padded rank and each module's indexed axis size (what its one-hot factor spans).
+    """
+    dims = projection_dims(config)
+    rank = lora_rank(adapter.max_k, max_rank)
+    axis_sizes = {}
+    for path, module in adapter.modules.items():
+        out_features, in_features = dims[path.rpartition(".")[2]]
+        input_side = module.side == "input"
+        axis_size, projection_dim = (in_features, out_features) if input_side else (out_features, in_features)
+        check_dims(f"S2FT adapter at {adapter.path!r}, module {path!r}", module, axis_size, projection_dim)
+        axis_sizes[path] = axis_size
+    return rank, axis_sizes
+
+
+def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> str:
+    """Write the S²FT adapter in ``src`` as a standard PEFT LoRA folder ``dst`` and return ``dst``.
+
+    ``base_model`` (a folder or hub id with a config) gives the projection sizes the one-hot factors span; it
+    defaults to the adapter's ``base_model_name_or_path``.
+    """
+    from peft import LoraConfig
+    from transformers import AutoConfig
+
+    adapter = read_s2ft_adapter(src)
+    base_model = base_model or adapter.config.get("base_model_name_or_path")
+    if not base_model:
+        raise ValueError(f"{src!r} names no base model; pass base_model (--base-model) to size the one-hot factors.")
+    rank, axis_sizes = check_against_config(adapter, AutoConfig.from_pretrained(base_model))
+    tensors = {}
+    for path, module in adapter.modules.items():
+        lora_a, lora_b = lora_factors(module, axis_sizes[path], rank)
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted({path.rpartition(".")[2] for path in adapter.modules}),
+        task_type=adapter.config.get("task_type"),
+        base_model_name_or_path=adapter.config.get("base_model_name_or_path") or base_model,
+        inference_mode=True,
+    )
+    os.makedirs(dst, exist_ok=True)
+    config.save_pretrained(dst)
+    save_file(tensors, os.path.join(dst, WEIGHTS_NAME), metadata={"format": "pt"})
+    return dst
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vllm_ext.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="S2FT adapter folder")
+    parser.add_argument("dst", help="output folder for the PEFT LoRA adapter")
+    parser.add_argument("--base-model", help="base model folder or id (default: the adapter's base_model_name_or_path)")
+    args = parser.parse_args(argv)
+    print(convert_s2ft_to_lora(args.src, args.dst, args.base_model))
+
+
+if __name__ == "__main__":
+    main()

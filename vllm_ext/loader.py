@@ -1,0 +1,73 @@
+"""Builds vLLM ``LoRAModel`` objects from S²FT folders inside vLLM's worker LoRA manager.
+
+Every way vLLM loads an adapter (offline ``LoRARequest``, ``--lora-modules``, ``/v1/load_lora_adapter``) ends in
+``WorkerLoRAManager._load_adapter`` in the worker process, so that is the one place an S²FT folder is recognised.
+Modules whose vLLM layer can gather (``layers.GATHER_LAYERS``) get the compact form (indices instead of the one-hot
+factor); any other layer gets the exact one-hot LoRA factors.
+"""
+
+from __future__ import annotations
+
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.lora_weights import LoRALayerWeights
+from vllm.lora.utils import parse_fine_tuned_lora_name
+
+from .adapter import PREFIX, check_dims, read_s2ft_adapter
+from .convert import lora_factors, lora_rank
+from .layers import S2FTLayerMixin
+
+
+def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
+    """The S²FT adapter in ``path`` as a LoRAModel for ``worker_manager`` (a vLLM ``WorkerLoRAManager``)."""
+    manager = worker_manager._adapter_manager
+    lora_config = worker_manager.lora_config
+    adapter = read_s2ft_adapter(path)
+    rank = lora_rank(adapter.max_k, lora_config.max_lora_rank)
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    owners = _layer_owners(manager)
+
+    loras = {}
+    for module_path, module in adapter.modules.items():
+        where = f"S2FT adapter at {path!r}, module {module_path!r}"
+        name, _ = parse_fine_tuned_lora_name(f"{PREFIX}{module_path}.lora_A.weight", mapper)
+        if name not in owners:
+            raise ValueError(
+                f"{where}: the served model has no LoRA layer {name!r}; the adapter targets another architecture or "
+                "the engine restricts LoRA targets (--lora-target-modules)."
+            )
+        layer, slice_index = owners[name]
+        out_features, in_features = _dims(layer, slice_index)
+        if module.side == "input":
+            axis_size, projection_dim = in_features, out_features
+        else:
+            axis_size, projection_dim = out_features, in_features
+        check_dims(where, module, axis_size, projection_dim)
+        delta = module.delta.to(lora_config.lora_dtype)
+        if isinstance(layer, S2FTLayerMixin):
+            lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
+        else:
+            lora_a, lora_b = lora_factors(module, axis_size, rank)
+            lora_a, lora_b = lora_a.to(lora_config.lora_dtype), lora_b.to(lora_config.lora_dtype)
+        loras[name] = LoRALayerWeights(name, rank, rank, lora_a, lora_b, scaling=1.0)
+    return LoRAModel(lora_id, rank, loras)
+
+
+def _layer_owners(manager) -> dict:
+    """vLLM module name (unpacked, e.g. ``...q_proj``) -> (LoRA layer, slice index or None)."""
+    owners = {name: (layer, None) for name, layer in manager.modules.items()}
+    for packed_name, names in manager.packed_modules.items():
+        for slice_index, name in enumerate(names):
+            owners[name] = (manager.modules[packed_name], slice_index)
+    return owners
+
+
+def _dims(layer, slice_index) -> tuple[int, int]:
+    """Unsharded (out_features, in_features) of one projection of a vLLM LoRA layer."""
+    base = layer.base_layer
+    if slice_index is None:
+        return base.output_size, base.input_size
+    if hasattr(base, "total_num_kv_heads"):  # QKVParallelLinear: output_sizes count replicated kv heads
+        heads = base.total_num_heads if slice_index == 0 else base.total_num_kv_heads
+        return heads * base.head_size, base.input_size
+    return base.output_sizes[slice_index], base.input_size

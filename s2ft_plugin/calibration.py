@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+from peft.utils.integrations import dequantize_module_weight
 from tqdm.auto import tqdm
 
 from .selection import select_units
@@ -104,5 +105,7 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
 
 
 def _weight(module) -> torch.Tensor:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return base.weight
+    """The float weight the projection computes with (quantized bases are dequantized)."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight()
+    return dequantize_module_weight(module.get_base_layer() if hasattr(module, "get_base_layer") else module)

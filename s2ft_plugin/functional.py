@@ -19,6 +19,7 @@ def _gather(x2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]) ->
 
 
 def _scatter(grad2d: torch.Tensor, positions: torch.Tensor, start: Optional[int], values: torch.Tensor) -> None:
+    values = values.to(grad2d.dtype)  # autocast may compute the update in a lower precision than the output
     if start is not None:
         grad2d[:, start : start + positions.numel()] += values
     else:

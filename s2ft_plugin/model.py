@@ -7,6 +7,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
+from .bnb import bnb_layer_class
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
 from .selection import random_scores, select_units
@@ -15,7 +16,7 @@ from .structure import PROJECTIONS, Block, check_projection, find_block, project
 # Llama-family blocks: o_proj and down_proj adapt their inputs, so partial backprop keeps only selected activations.
 TARGET_MODULES = {
     model_type: ["o_proj", "down_proj"]
-    for model_type in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 }
 
 
@@ -37,6 +38,8 @@ class S2FTModel(BaseTuner):
         self.s2ft_uncalibrated: set[str] = set()
         self._blocks: dict[str, Block] = {}
         self._pending_units: dict[str, torch.Tensor] = {}
+        # adapters injected since the last forward pass that no load has filled yet: a failed load may remove these
+        self._unfilled_adapters: set[str] = set()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.arrange())
 
@@ -50,6 +53,7 @@ class S2FTModel(BaseTuner):
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
             self._pending_units.clear()
+        self._unfilled_adapters.add(adapter_name)
         if config.selection != "random":
             self.s2ft_uncalibrated.add(adapter_name)
         if config.permute and self.s2ft_order_owner is None:
@@ -78,10 +82,10 @@ class S2FTModel(BaseTuner):
                 "projections. Set permute=False (o_proj/down_proj then still train without co-permutation)."
             )
         for path in block.projections.values():
-            weight = _base(model.get_submodule(path)).weight
-            if not weight.dtype.is_floating_point:
+            base = _base(model.get_submodule(path))
+            if not base.weight.dtype.is_floating_point or bnb_layer_class(base) is not None:
                 raise ValueError(
-                    f"S2FT cannot co-permute '{path}': its weight is {weight.dtype} (quantized). Set permute=False."
+                    f"S2FT cannot co-permute '{path}': its weight is {base.weight.dtype} (quantized). Set permute=False."
                 )
 
     def _block(self, model: nn.Module, key: str) -> Block:
@@ -102,8 +106,9 @@ class S2FTModel(BaseTuner):
         if isinstance(target, S2FTLayer):
             target.update_layer(adapter_name, indices, config.init_weights, inference_mode=config.inference_mode)
             return
-        new_module = Linear(target, adapter_name, side=block.side(projection), unit_size=block.unit_size,
-                            indices=indices, init_weights=config.init_weights)
+        layer_cls = bnb_layer_class(target) or Linear
+        new_module = layer_cls(target, adapter_name, side=block.side(projection), unit_size=block.unit_size,
+                               indices=indices, init_weights=config.init_weights)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -166,6 +171,7 @@ class S2FTModel(BaseTuner):
 
     # ------------------------------------------------------------------ PEFT behaviour
     def forward(self, *args, **kwargs):
+        self._unfilled_adapters.clear()
         if self.training and self.s2ft_uncalibrated & set(self.active_adapters):
             names = sorted(self.s2ft_uncalibrated & set(self.active_adapters))
             raise RuntimeError(
@@ -177,6 +183,7 @@ class S2FTModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.s2ft_uncalibrated.discard(adapter_name)
+        self._unfilled_adapters.discard(adapter_name)
         if self.s2ft_order_owner == adapter_name:
             self.s2ft_order_owner = next(
                 (name for name, cfg in self.peft_config.items() if cfg.permute and name != adapter_name), None
@@ -213,13 +220,27 @@ class S2FTModel(BaseTuner):
         try:
             _check_adapter_tensors(model, adapter_name, remapped)
         except ValueError:
-            if hasattr(model, "delete_adapter") and len(getattr(model, "peft_config", {})) > 1:
-                model.delete_adapter(adapter_name)
+            _roll_back(model, adapter_name)
             raise
-        tuner = getattr(model, "base_model", model)
+        tuner = getattr(model, "base_model", None)
         if isinstance(tuner, S2FTModel):
             tuner.s2ft_uncalibrated.discard(adapter_name)
+            tuner._unfilled_adapters.discard(adapter_name)
         return remapped
+
+
+def _roll_back(model: nn.Module, adapter_name: str) -> None:
+    """Undo what the failed load added: its freshly injected adapter, or S2FT altogether if that was the only one.
+
+    An adapter that was already in use (trained, or loaded before) is left as it was: nothing was loaded into it.
+    """
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, S2FTModel) or adapter_name not in tuner._unfilled_adapters:
+        return
+    if len(tuner.peft_config) > 1:
+        model.delete_adapter(adapter_name)
+    else:
+        tuner.unload()
 
 
 def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict) -> None:

@@ -97,8 +97,13 @@ def test_unfit_adapter_is_refused_and_the_model_keeps_serving(edit, message, tok
 
 def test_adapter_for_another_model_shape_is_refused(token_batch, tmp_path):
     get_peft_model(build_model("llama", intermediate_size=512), S2FTConfig(task_type="CAUSAL_LM")).save_pretrained(tmp_path)
+    base = build_model("llama")
     with pytest.raises(ValueError, match="config gives this layer"):
-        PeftModel.from_pretrained(build_model("llama"), tmp_path)
+        PeftModel.from_pretrained(base, tmp_path)
+    # the base passed in is left as it was: no S2FT layers, original weight order
+    assert not any(isinstance(module, S2FTLayer) for module in base.modules())
+    for name, tensor in build_model("llama").state_dict().items():
+        assert torch.equal(base.state_dict()[name], tensor), name
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["num_channels"] = 26  # fits the count, but the shapes still do not
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
@@ -110,3 +115,15 @@ def test_all_projections_accepted_on_supported_families():
     for architecture in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
         model = get_peft_model(build_model(architecture), S2FTConfig(target_modules=ALL_PROJECTIONS))
         assert sum(isinstance(m, S2FTLayer) for m in model.modules()) == 14
+
+
+def test_failed_load_into_an_adapter_in_use_keeps_it(token_batch, tmp_path):
+    get_peft_model(build_model("llama"), S2FTConfig(task_type="CAUSAL_LM", seed=1, init_weights=False)).save_pretrained(tmp_path)
+    tamper(tmp_path, duplicate)
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama"), S2FTConfig(task_type="CAUSAL_LM", seed=2, init_weights=False))
+    before = model(token_batch).logits  # the adapter is in use
+    with pytest.raises(ValueError, match="duplicates"):
+        model.load_adapter(tmp_path, adapter_name="default")
+    assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(model(token_batch).logits, before)

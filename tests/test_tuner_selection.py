@@ -129,3 +129,23 @@ def test_score_based_selection_picks_the_extreme_units(selection, order):
         else:
             expected = pick(scores, channels).indices
         assert torch.equal(chosen, torch.sort(expected).values), name
+
+
+def test_calibrated_selection_survives_save_and_load(tmp_path):
+    """Loading rebuilds layers from the config (a placeholder selection), then re-permutes for the saved indices."""
+    config = S2FTConfig(task_type="CAUSAL_LM", selection="activation", head_ratio=0.5, init_weights=False)
+    model = get_peft_model(build_model("mistral"), config)
+    initialize_s2ft_selection(model, calibration_loader(), show_progress_bar=False)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 384, (2, 9), generator=torch.Generator().manual_seed(2))
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(build_model("mistral"), tmp_path, is_trainable=True)
+    for name, buffer in model.named_buffers():
+        if "s2ft_indices" in name:
+            assert torch.equal(loaded.get_buffer(name), buffer)
+    for _, _, layer in loaded.base_model.s2ft_layers():
+        assert layer.s2ft_start["default"] is not None  # contiguous for the loaded selection, not the placeholder
+    loaded.train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,105 @@
+"""Supervised fine-tuning with S²FT, in the style of TRL's own `trl/scripts/sft.py`.
+
+Offline, on a tiny Llama and a small chat dataset built locally (no --model_name_or_path, no --dataset_name):
+    python trl_examples/sft_s2ft.py --output_dir runs/s2ft-tiny --max_steps 20 --use_cpu
+
+A real model and dataset, with a YAML config (command-line flags override it):
+    python trl_examples/sft_s2ft.py --config trl_examples/sft_s2ft.yaml \
+        --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara
+
+QLoRA-style, on a bitsandbytes 4-bit base (TRL's own --load_in_4bit/--bnb_4bit_quant_type flags; --load_in_8bit too):
+    python trl_examples/sft_s2ft.py --config trl_examples/sft_s2ft_4bit.yaml
+
+Several processes (DDP; `--use_cpu` makes them join a gloo group on CPU):
+    accelerate launch --config_file trl_examples/accelerate_multi_cpu.yaml trl_examples/sft_s2ft.py --use_cpu \
+        --output_dir runs/ddp
+
+SFTConfig turns bf16 on by default, which TRL refuses on a machine without an accelerator unless `--use_cpu` is given.
+"""
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
+
+from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
+from s2ft_plugin.tiny import save_checkpoint
+
+
+@dataclass
+class S2FTArguments:
+    s2ft_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Default: o_proj and down_proj."})
+    s2ft_head_ratio: float = field(default=0.125, metadata={"help": "Fraction of attention heads trained per block."})
+    s2ft_num_heads: Optional[int] = field(default=None, metadata={"help": "Heads per block (overrides the ratio)."})
+    s2ft_channel_ratio: float = field(default=0.05, metadata={"help": "Fraction of FFN channels trained per block."})
+    s2ft_num_channels: Optional[int] = field(default=None, metadata={"help": "Channels per block (overrides ratio)."})
+    s2ft_selection: str = field(default="random", metadata={"help": "random, weight, activation, weight_activation "
+                                                                     "or gradient."})
+    s2ft_calibration_batches: int = field(default=8, metadata={"help": "Batches scoring a data-based selection."})
+    s2ft_seed: int = field(default=42, metadata={"help": "Seed of the random selection."})
+    s2ft_permute: Optional[bool] = field(default=None, metadata={"help": "Co-permute the base weights (default: "
+                                                                          "unless the base is quantized)."})
+    s2ft_delta_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable deltas."})
+
+
+def builtin_dataset() -> Dataset:
+    pairs = [("What is two plus three?", "Five."), ("What is the capital of France?", "Paris."),
+             ("What does S2FT train?", "A few heads and channels of every block."),
+             ("Finish: the quick brown fox", "jumps over the lazy dog.")]
+    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+    return Dataset.from_dict({"messages": rows * 4})
+
+
+def main(script_args, training_args, model_args, s2ft_args):
+    model_path = model_args.model_name_or_path
+    if model_path is None:  # offline default: a tiny Llama and its tokenizer, written once (main process first)
+        model_path = os.path.join(training_args.output_dir, "tiny-llama")
+        with training_args.main_process_first(desc="build the tiny model"):
+            if not os.path.isfile(os.path.join(model_path, "config.json")):
+                save_checkpoint(model_path, "llama")
+    training_args.model_init_kwargs = dict(dtype=model_args.dtype, **(training_args.model_init_kwargs or {}))
+    if script_args.dataset_name:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)[script_args.dataset_train_split]
+    else:
+        dataset = builtin_dataset()
+
+    quantization_config = get_quantization_config(model_args)
+    permute = s2ft_args.s2ft_permute if s2ft_args.s2ft_permute is not None else quantization_config is None
+    peft_config = S2FTConfig(
+        task_type="CAUSAL_LM", target_modules=s2ft_args.s2ft_target_modules, head_ratio=s2ft_args.s2ft_head_ratio,
+        num_heads=s2ft_args.s2ft_num_heads, channel_ratio=s2ft_args.s2ft_channel_ratio,
+        num_channels=s2ft_args.s2ft_num_channels, selection=s2ft_args.s2ft_selection, seed=s2ft_args.s2ft_seed,
+        permute=permute,
+    )
+    trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=dataset,
+                         quantization_config=quantization_config, peft_config=peft_config)
+
+    # TRL casts the trainable parameters of quantized models to bf16 (QLoRA's recipe); S2FT keeps its deltas in
+    # --s2ft_delta_dtype. The optimizer is created in train(), so it sees the final dtype.
+    for name, param in trainer.model.named_parameters():
+        if "s2ft_delta" in name:
+            param.data = param.data.to(getattr(torch, s2ft_args.s2ft_delta_dtype))
+    if s2ft_args.s2ft_selection != "random":
+        # unsharded and in order, so every process selects the same units; a resumed run reloads the saved selection
+        loader = DataLoader(trainer.train_dataset, batch_size=training_args.per_device_train_batch_size,
+                            collate_fn=trainer.data_collator)
+        initialize_s2ft_selection(trainer.model, itertools.islice(loader, s2ft_args.s2ft_calibration_batches),
+                                  show_progress_bar=False)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"S2FT adapter saved to {training_args.output_dir}.")
+    return trainer
+
+
+def make_parser():
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, S2FTArguments))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

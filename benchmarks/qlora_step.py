@@ -33,14 +33,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from common import LORA_TARGETS, equal_parameter_rank, saved_activation_bytes, step
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear")
 LABELS = {"floor": "frozen 4-bit floor", "s2ft": "S2FT (o_proj, down_proj)", "lora": "LoRA (o_proj, down_proj)",
           "lora_all_linear": "LoRA (all linear)"}
-LORA_TARGETS = {"lora": ["o_proj", "down_proj"],
-                "lora_all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def parse_args():
@@ -72,53 +71,13 @@ def build(method: str, path: str, args):
         model = get_peft_model(model, s2ft_config)
     elif method != "floor":
         targets = LORA_TARGETS[method]
-        rank = max(1, round(s2ft_trainable(model, s2ft_config) / lora_params_per_rank(model, targets)))
+        rank = equal_parameter_rank(model, s2ft_config, targets)
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                  target_modules=targets))
     if method == "floor":
         model.requires_grad_(False)
     model.enable_input_require_grads()  # every method backpropagates to the embeddings' output, like the floor
     return model.train()
-
-
-def s2ft_trainable(model, config) -> int:
-    layer = model.model.layers[0]
-    heads = config.unit_count("heads", model.config.num_attention_heads)
-    channels = config.unit_count("channels", layer.mlp.down_proj.in_features)
-    head_dim = layer.self_attn.o_proj.in_features // model.config.num_attention_heads
-    per_layer = layer.self_attn.o_proj.out_features * heads * head_dim + layer.mlp.down_proj.out_features * channels
-    return per_layer * len(model.model.layers)
-
-
-def lora_params_per_rank(model, targets) -> int:
-    modules = [m for name, m in model.model.layers[0].named_modules() if name.rsplit(".", 1)[-1] in targets]
-    return sum(m.in_features + m.out_features for m in modules) * len(model.model.layers)
-
-
-def step(model, optimizer, batch):
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def saved_activation_bytes(model, batch) -> int:
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(saved.values())
 
 
 def _status_kib(field: str) -> int:

@@ -22,11 +22,11 @@ from datetime import date
 import torch
 from peft import LoraConfig, get_peft_model
 
+from common import LORA_TARGETS, equal_parameter_rank, saved_activation_bytes, step
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
-LORA_TARGETS = {"lora": ["o_proj", "down_proj"], "lora_all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def parse_args():
@@ -65,7 +65,7 @@ def build(method: str, args):
             model = get_peft_model(model, s2ft_config)
         else:
             targets = LORA_TARGETS[method]
-            rank = round(s2ft_trainable(model, s2ft_config) / lora_params_per_rank(model, targets))
+            rank = equal_parameter_rank(model, s2ft_config, targets)
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
                                                      target_modules=targets))
         model.base_model.model.enable_input_require_grads()  # same autograd graph shape as the floor
@@ -73,31 +73,8 @@ def build(method: str, args):
     return model
 
 
-def s2ft_trainable(model, config) -> int:
-    layer = model.model.layers[0]
-    heads = config.unit_count("heads", model.config.num_attention_heads)
-    channels = config.unit_count("channels", layer.mlp.down_proj.in_features)
-    head_dim = layer.self_attn.o_proj.in_features // model.config.num_attention_heads
-    per_layer = layer.self_attn.o_proj.out_features * heads * head_dim + layer.mlp.down_proj.out_features * channels
-    return per_layer * len(model.model.layers)
-
-
-def lora_params_per_rank(model, targets) -> int:
-    modules = [m for name, m in model.model.layers[0].named_modules() if name.rsplit(".", 1)[-1] in targets]
-    return sum(m.in_features + m.out_features for m in modules) * len(model.model.layers)
-
-
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def step(model, optimizer, batch):
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss
 
 
 def synchronize(device):
@@ -107,24 +84,10 @@ def synchronize(device):
 
 def cpu_peak_bytes(model, optimizer, batch) -> int:
     """Weights + gradients + optimizer state + activations saved for backward."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    params = trainable(model)
-    grads = sum(p.numel() * p.element_size() for p in params)
-    optimizer_state = 2 * sum(p.numel() * 4 for p in params) if optimizer is not None else 0
-    model.zero_grad(set_to_none=True)
-    return weights + grads + optimizer_state + sum(saved.values())
+    grads = sum(p.numel() * p.element_size() for p in trainable(model))
+    optimizer_state = 2 * sum(p.numel() * 4 for p in trainable(model)) if optimizer is not None else 0
+    return weights + grads + optimizer_state + saved_activation_bytes(model, batch)
 
 
 def cuda_peak_bytes(model, optimizer, batch) -> int:

@@ -1,8 +1,12 @@
 """Partial backpropagation for S²FT deltas.
 
-Autograd on ``base_out + x[..., S] @ D.T`` would be correct but could keep more than it needs; these functions save
-exactly what the delta's gradient needs (the selected activations for input-side deltas) and leave the frozen base
-layer to autograd, which saves nothing for a weight that needs no gradient.
+Autograd on ``base(x) + x[..., S] @ D.T`` would be correct but could keep more than it needs; these functions save
+exactly what the delta's gradient needs (the selected activations for input-side deltas). Two ways in:
+
+- ``base_out`` given: the base layer ran on its own (any layer, quantized ones included) and autograd handles it; the
+  delta's input gradient is a separate full-size tensor that autograd adds to the base's.
+- ``base_out`` None: the frozen ``weight`` (and ``bias``) of a plain linear layer is applied here too ("compute
+  densely"), so backward computes ``grad @ W`` once and adds the delta's part into it in place.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _gather(x2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]) -> torch.Tensor:
@@ -26,60 +31,79 @@ def _scatter(grad2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]
         grad2d.index_add_(1, positions, values)
 
 
+def _base_forward(ctx, x, weight, bias, base_out):
+    ctx.fused = base_out is None
+    return F.linear(x, weight, bias) if ctx.fused else base_out
+
+
+def _base_input_grad(ctx, grad2d, weight) -> Optional[torch.Tensor]:
+    """``grad @ W`` when the base ran here (None otherwise: autograd computes the base's part)."""
+    return grad2d @ weight.to(grad2d.dtype) if ctx.fused else None
+
+
 class InputSideDelta(torch.autograd.Function):
-    """``base_out + x[..., S] @ D.T`` for a delta ``D`` of shape (out, k) over the input columns ``S``.
+    """``base(x) + x[..., S] @ D.T`` for a delta ``D`` of shape (out, k) over the input columns ``S``.
 
     Saves only ``x[..., S]`` (T x k); ``start`` is the offset of ``S`` when it is contiguous (co-permuted).
     """
 
     @staticmethod
-    def forward(ctx, base_out, x, delta, positions, start):
+    def forward(ctx, x, delta, positions, start, weight=None, bias=None, base_out=None):
+        base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         selected = _gather(x2d, positions, start).to(base_out.dtype)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t())
-        ctx.save_for_backward(selected.contiguous() if ctx.needs_input_grad[2] else None, delta, positions)
+        selected = selected.contiguous() if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(selected, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        selected, delta, positions = ctx.saved_tensors
+        selected, delta, positions, weight = ctx.saved_tensors
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_delta = None
-        if ctx.needs_input_grad[1]:
-            grad_x = grad2d.new_zeros(grad2d.shape[0], ctx.x_shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_input_grad(ctx, grad2d, weight)
+            if grad_x is None:
+                grad_x = grad2d.new_zeros(grad2d.shape[0], ctx.x_shape[-1])
             _scatter(grad_x, positions, ctx.start, grad2d @ delta.to(grad2d.dtype))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             grad_delta = (grad2d.t() @ selected.to(grad2d.dtype)).to(delta.dtype)
-        return grad_out, grad_x, grad_delta, None, None
+        return grad_x, grad_delta, None, None, None, None, (None if ctx.fused else grad_out)
 
 
 class OutputSideDelta(torch.autograd.Function):
-    """``base_out`` plus ``x @ D.T`` added to the output rows ``S``, for a delta ``D`` of shape (k, in).
+    """``base(x)`` plus ``x @ D.T`` added to the output rows ``S``, for a delta ``D`` of shape (k, in).
 
-    D's gradient needs the whole input, so ``x`` is saved; the base layer's own backward still saves nothing.
+    D's gradient needs the whole input, so ``x`` is saved; the frozen base weight itself gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, base_out, x, delta, positions, start):
+    def forward(ctx, x, delta, positions, start, weight=None, bias=None, base_out=None):
+        base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         update = x2d.to(base_out.dtype) @ delta.to(base_out.dtype).t()
-        out = base_out.reshape(-1, base_out.shape[-1]).clone()
+        out = base_out.reshape(-1, base_out.shape[-1])
+        out = out if ctx.fused else out.clone()  # a base output computed here is ours to update in place
         _scatter(out, positions, start, update)
-        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, delta, positions)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, delta, positions = ctx.saved_tensors
+        x, delta, positions, weight = ctx.saved_tensors
         grad2d = grad_out.reshape(-1, grad_out.shape[-1])
         selected_grad = _gather(grad2d, positions, ctx.start)
         grad_x = grad_delta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_input_grad(ctx, grad2d, weight)
+            delta_part = delta.to(grad2d.dtype)
+            grad_x = selected_grad @ delta_part if grad_x is None else grad_x.addmm_(selected_grad, delta_part)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_x = (selected_grad @ delta.to(grad2d.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
             x2d = x.reshape(-1, x.shape[-1]).to(grad2d.dtype)
             grad_delta = (selected_grad.t() @ x2d).to(delta.dtype)
-        return grad_out, grad_x, grad_delta, None, None
+        return grad_x, grad_delta, None, None, None, None, (None if ctx.fused else grad_out)

@@ -140,15 +140,30 @@ class Linear(nn.Module, S2FTLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
+        active = [name for name in self.active_adapters if name in self.s2ft_delta]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
         apply_delta = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
-        for name in self.active_adapters:
-            if name in self.s2ft_delta:
-                delta = self.s2ft_delta[name]
-                result = apply_delta(result, x, delta, self.s2ft_positions[name], self.s2ft_start[name])
+        base = self.get_base_layer()
+        if self._can_fuse(base, args, kwargs):  # the first delta also applies the frozen weight
+            weight, bias, result = base.weight, base.bias, None
+        else:
+            weight, bias, result = None, None, self.base_layer(x, *args, **kwargs)
+        for name in active:
+            positions, start = self.s2ft_positions[name], self.s2ft_start[name]
+            result = apply_delta(x, self.s2ft_delta[name], positions, start, weight, bias, result)
+            weight = bias = None
         return result
+
+    def _can_fuse(self, base: nn.Module, args, kwargs) -> bool:
+        """A plain frozen nn.Linear with no hooks computes exactly F.linear, so it can run inside the delta."""
+        return (
+            type(base) is nn.Linear
+            and not (args or kwargs)
+            and not base.weight.requires_grad
+            and not (base.bias is not None and base.bias.requires_grad)
+            and not (base._forward_hooks or base._forward_pre_hooks or self.base_layer is not base)
+        )
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()

@@ -20,8 +20,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["base-outside", "base-fused"])
 @pytest.mark.parametrize("side,positions,start", CASES)
-def test_forward_and_gradients_match_dense_reference(side, positions, start):
+def test_forward_and_gradients_match_dense_reference(side, positions, start, fused):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(20, 16, dtype=torch.float64)
@@ -29,8 +30,12 @@ def test_forward_and_gradients_match_dense_reference(side, positions, start):
     delta = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     function = InputSideDelta if side == "input" else OutputSideDelta
 
-    out = function.apply(x @ weight.t(), x, delta, positions, start)
-    ref = dense_reference(x, weight, delta, positions, side)
+    bias = torch.randn(20, dtype=torch.float64)
+    if fused:
+        out = function.apply(x, delta, positions, start, weight, bias)
+    else:
+        out = function.apply(x, delta, positions, start, None, None, x @ weight.t() + bias)
+    ref = dense_reference(x, weight, delta, positions, side) + bias
     torch.testing.assert_close(out, ref)
 
     upstream = torch.randn_like(out)
@@ -47,11 +52,14 @@ def test_gradcheck_both_sides():
     input_delta = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     output_delta = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     positions = torch.tensor([4, 1])
-    assert torch.autograd.gradcheck(lambda b, x, d: InputSideDelta.apply(b, x, d, positions, None), (base_out, x, input_delta))
-    assert torch.autograd.gradcheck(lambda b, x, d: OutputSideDelta.apply(b, x, d, positions, None), (base_out, x, output_delta))
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    for function, delta in ((InputSideDelta, input_delta), (OutputSideDelta, output_delta)):
+        assert torch.autograd.gradcheck(lambda b, x, d: function.apply(x, d, positions, None, None, None, b), (base_out, x, delta))
+        assert torch.autograd.gradcheck(lambda x, d: function.apply(x, d, positions, None, weight), (x, delta))
 
 
-def test_input_side_saves_only_selected_activations():
+@pytest.mark.parametrize("fused", [False, True], ids=["base-outside", "base-fused"])
+def test_input_side_saves_only_selected_activations(fused):
     """Partial backprop: the adapter path keeps T x k activations, the frozen base keeps none of its input."""
     tokens, features, k = 64, 32, 4
     x = torch.randn(tokens, features, requires_grad=True)
@@ -65,7 +73,10 @@ def test_input_side_saves_only_selected_activations():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = InputSideDelta.apply(torch.nn.functional.linear(x, weight), x, delta, positions, 8)
+        if fused:
+            out = InputSideDelta.apply(x, delta, positions, 8, weight)
+        else:
+            out = InputSideDelta.apply(x, delta, positions, 8, None, None, torch.nn.functional.linear(x, weight))
     activation_like = [t for t in saved if t.shape[0] == tokens]
     assert [tuple(t.shape) for t in activation_like] == [(tokens, k)]
     # the saved slice is its own storage, not a view that would keep x alive

@@ -241,3 +241,12 @@ with torch.no_grad():
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(model, token_batch), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_on_the_base_layer_still_run(token_batch):
+    """The fused path (base matmul inside the delta) is only taken where it computes exactly what the base would."""
+    model = s2ft("llama", seed=14)
+    layer = model.get_base_model().model.layers[0].mlp.down_proj
+    expected = layer(torch.ones(1, 3, 256)) + 1.0
+    layer.get_base_layer().register_forward_hook(lambda module, inputs, output: output + 1.0)
+    torch.testing.assert_close(layer(torch.ones(1, 3, 256)), expected)

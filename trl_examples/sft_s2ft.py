@@ -89,7 +89,7 @@ def main(script_args, training_args, model_args, s2ft_args):
         loader = DataLoader(trainer.train_dataset, batch_size=training_args.per_device_train_batch_size,
                             collate_fn=trainer.data_collator)
         initialize_s2ft_selection(trainer.model, itertools.islice(loader, s2ft_args.s2ft_calibration_batches),
-                                  show_progress_bar=False)
+                                  show_progress_bar=trainer.accelerator.is_main_process)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -42,7 +42,7 @@ def parse_args():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--head-ratio", type=float, default=0.125)
     parser.add_argument("--channel-ratio", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     return parser.parse_args()
 
@@ -105,7 +105,8 @@ def main():
     optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None) for m, model in models.items()}
     times = {method: [] for method in METHODS}
     for round_index in range(args.warmup + args.steps):
-        for method in METHODS:  # interleaved, so drift of the machine hits every method alike
+        # interleaved, and each round in a rotated order, so drift of the machine hits every method alike
+        for method in METHODS[round_index % len(METHODS):] + METHODS[:round_index % len(METHODS)]:
             synchronize(args.device)
             start = time.perf_counter()
             step(models[method], optimizers[method], batch)
@@ -116,7 +117,10 @@ def main():
     memory = {method: peak(models[method], optimizers[method], batch) for method in METHODS}
 
     median = {method: statistics.median(values) for method, values in times.items()}
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"date {date.today()} | device {args.device} ({where}) | torch {torch.__version__} | dtype {args.dtype}")
     print(f"llama hidden={args.hidden} intermediate={args.intermediate} heads={args.heads} layers={args.layers} "
           f"vocab={args.vocab} tokens/step={args.batch}x{args.seq}")

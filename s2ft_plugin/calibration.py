@@ -45,7 +45,9 @@ def initialize_s2ft_selection(
     tuner.s2ft_order_owner = None
     tuner.arrange()  # score in the original coordinates
     try:
-        column_scores = _column_scores(model, tuner, blocks, config.selection, dataloader, forward_fn, show_progress_bar)
+        column_scores = _column_scores(
+            model, tuner, blocks, config.selection, dataloader, forward_fn, show_progress_bar
+        )
         for path, block, layer in tuner.s2ft_layers():
             if adapter_name in layer.s2ft_indices:
                 unit_scores = column_scores[block.key].view(block.num_units, block.unit_size).sum(1)
@@ -60,7 +62,9 @@ def initialize_s2ft_selection(
 
 def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show_progress_bar):
     """Per input column of each block's scoring projection."""
-    modules = {key: tuner.model.get_submodule(block.projections[SCORING_PROJECTION[block.kind]]) for key, block in blocks.items()}
+    modules = {
+        key: tuner.model.get_submodule(block.projections[SCORING_PROJECTION[block.kind]]) for key, block in blocks.items()
+    }
     weights = {key: _weight(module).detach().float() for key, module in modules.items()}
     if selection == "weight":
         return {key: weight.abs().sum(0) for key, weight in weights.items()}

@@ -59,22 +59,32 @@ class S2FTLayer(BaseTunerLayer):
 
     def check_indices(self, adapter_name: str, indices: torch.Tensor, expected_count: Optional[int] = None) -> None:
         """Raise a ValueError naming the problem if ``indices`` cannot address this layer's rows or columns."""
-        where = f"S2FT adapter '{adapter_name}' ({self.side}-side indices of a {self.out_features}x{self.in_features} layer)"
+        where = (
+            f"S2FT adapter '{adapter_name}' ({self.side}-side indices of a {self.out_features}x{self.in_features} layer)"
+        )
         if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}.")
+            raise ValueError(
+                f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}."
+            )
         if expected_count is not None and indices.numel() != expected_count:
             raise ValueError(
                 f"{where}: {indices.numel()} indices but the config gives this layer {expected_count}; the adapter was "
                 "trained with another head/channel count or on another model."
             )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.axis_size):
-            raise ValueError(f"{where}: indices must lie in [0, {self.axis_size}), got [{int(indices.min())}, {int(indices.max())}].")
+            raise ValueError(
+                f"{where}: indices must lie in [0, {self.axis_size}), got [{int(indices.min())}, {int(indices.max())}]."
+            )
         if torch.unique(indices).numel() != indices.numel():
             raise ValueError(f"{where}: indices contain duplicates.")
         if self.unit_size > 1:
             units = indices.view(-1, self.unit_size) if indices.numel() % self.unit_size == 0 else None
             offsets = torch.arange(self.unit_size, device=indices.device)
-            if units is None or bool((units[:, 0] % self.unit_size).any()) or not torch.equal(units - units[:, :1], offsets.expand_as(units)):
+            if (
+                units is None
+                or bool((units[:, 0] % self.unit_size).any())
+                or not torch.equal(units - units[:, :1], offsets.expand_as(units))
+            ):
                 raise ValueError(f"{where}: indices must cover whole heads of {self.unit_size} rows/columns.")
 
     def set_positions(self, adapter_name: str, positions: torch.Tensor) -> None:

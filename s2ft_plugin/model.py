@@ -255,7 +255,10 @@ def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict
                 "adapter was saved for other target modules or is incomplete."
             )
         expected = module.s2ft_delta[adapter_name].shape
-        module.check_indices(adapter_name, indices, expected_count=module.s2ft_indices[adapter_name].numel())
+        try:
+            module.check_indices(adapter_name, indices, expected_count=module.s2ft_indices[adapter_name].numel())
+        except ValueError as error:
+            raise ValueError(f"{error} Module: '{path}'.") from None
         if tuple(delta.shape) != tuple(expected):
             raise ValueError(
                 f"S2FT adapter '{adapter_name}' has a delta of shape {tuple(delta.shape)} for '{path}' but this base "

@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 from datasets import Dataset
 from helpers import reference_model

@@ -54,8 +54,14 @@ def test_gradcheck_both_sides():
     positions = torch.tensor([4, 1])
     weight = torch.randn(5, 6, dtype=torch.float64)
     for function, delta in ((InputSideDelta, input_delta), (OutputSideDelta, output_delta)):
-        assert torch.autograd.gradcheck(lambda b, x, d: function.apply(x, d, positions, None, None, None, b), (base_out, x, delta))
-        assert torch.autograd.gradcheck(lambda x, d: function.apply(x, d, positions, None, weight), (x, delta))
+        def outside(b, x, d, function=function):
+            return function.apply(x, d, positions, None, None, None, b)
+
+        def fused(x, d, function=function):
+            return function.apply(x, d, positions, None, weight)
+
+        assert torch.autograd.gradcheck(outside, (base_out, x, delta))
+        assert torch.autograd.gradcheck(fused, (x, delta))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["base-outside", "base-fused"])

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from helpers import ALL_PROJECTIONS, INPUT_SIDE, dense_merge, reference_model, saved_adapter
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from s2ft_plugin import S2FTConfig, S2FTLayer
 from s2ft_plugin.tiny import build_model

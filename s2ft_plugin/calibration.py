@@ -65,10 +65,9 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
     modules = {
         key: tuner.model.get_submodule(block.projections[SCORING_PROJECTION[block.kind]]) for key, block in blocks.items()
     }
-    weights = {key: _weight(module).detach().float() for key, module in modules.items()}
     if selection == "weight":
-        return {key: weight.abs().sum(0) for key, weight in weights.items()}
-    sums = {key: torch.zeros(weight.shape[1], dtype=torch.float64) for key, weight in weights.items()}
+        return {key: _weight_column_sums(module) for key, module in modules.items()}
+    sums = {key: torch.zeros(module.in_features, dtype=torch.float64) for key, module in modules.items()}
 
     def make_hook(key):
         def hook(_module, inputs, output):
@@ -101,15 +100,15 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if selection == "activation":
-        return {key: total.float() for key, total in sums.items()}
-    if selection == "weight_activation":
-        return {key: weights[key].abs().sum(0) * total.sqrt().float() for key, total in sums.items()}
+    if selection == "weight_activation":  # Wanda-style: |W_ij| * ||x_j||
+        return {key: _weight_column_sums(modules[key]) * total.sqrt().float() for key, total in sums.items()}
     return {key: total.float() for key, total in sums.items()}
 
 
-def _weight(module) -> torch.Tensor:
-    """The float weight the projection computes with (quantized bases are dequantized)."""
+def _weight_column_sums(module) -> torch.Tensor:
+    """Sum of |W| per input column of the weight the projection computes with (quantized bases dequantized)."""
     if hasattr(module, "dequantized_weight"):
-        return module.dequantized_weight()
-    return dequantize_module_weight(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+        weight = module.dequantized_weight()
+    else:
+        weight = dequantize_module_weight(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+    return weight.detach().float().abs().sum(0)

@@ -135,24 +135,20 @@ class S2FTModel(BaseTuner):
     def arrange(self) -> None:
         """Permute each block so that the owner's units are contiguous, then re-point every adapter's positions."""
         owner_units = self.adapter_units(self.s2ft_order_owner) if self.s2ft_order_owner else {}
-        blocks = {block.key: block for _, block, _ in self.s2ft_layers()}
-        for key in set(blocks) | set(self.s2ft_unit_orders):
-            block = blocks.get(key) or self._blocks[key]
-            target = block.contiguous_order(owner_units[key]) if key in owner_units else None
-            self._reorder(block, key, target)
-        for path, block, layer in self.s2ft_layers():
+        layers = list(self.s2ft_layers())
+        for key in {block.key for _, block, _ in layers} | set(self.s2ft_unit_orders):
+            block = self._blocks[key]
+            self._reorder(block, block.contiguous_order(owner_units[key]) if key in owner_units else None)
+        for path, block, layer in layers:
             order = self.s2ft_unit_orders.get(block.key)
+            inverse = None if order is None else torch.argsort(block.element_permutation(projection_name(path), order))
             for adapter_name, indices in layer.s2ft_indices.items():
-                if order is None:
-                    layer.set_positions(adapter_name, indices)
-                else:
-                    inverse = torch.argsort(block.element_permutation(projection_name(path), order))
-                    layer.set_positions(adapter_name, inverse.to(indices.device)[indices])
+                layer.set_positions(adapter_name, indices if inverse is None else inverse.to(indices.device)[indices])
 
     @torch.no_grad()
-    def _reorder(self, block: Block, key: str, target: Optional[torch.Tensor]) -> None:
+    def _reorder(self, block: Block, target: Optional[torch.Tensor]) -> None:
         identity = torch.arange(block.num_units)
-        current = self.s2ft_unit_orders.get(key, identity)
+        current = self.s2ft_unit_orders.get(block.key, identity)
         target = identity if target is None else target
         if torch.equal(current, target):
             return
@@ -165,9 +161,9 @@ class S2FTModel(BaseTuner):
             if dim == 0 and base.bias is not None:
                 base.bias.data.copy_(base.bias.data[elements])
         if torch.equal(target, identity):
-            self.s2ft_unit_orders.pop(key, None)
+            self.s2ft_unit_orders.pop(block.key, None)
         else:
-            self.s2ft_unit_orders[key] = target
+            self.s2ft_unit_orders[block.key] = target
 
     # ------------------------------------------------------------------ PEFT behaviour
     def forward(self, *args, **kwargs):

@@ -58,6 +58,7 @@ class _QuantizedLinear(Linear):
         self._set_weight(merged)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.sync_positions()
         adapter_names = check_adapters_to_merge(self, adapter_names)
         names = [name for name in adapter_names if name in self.s2ft_delta]
         if not names:

@@ -41,10 +41,7 @@ def initialize_s2ft_selection(
     for _, block, layer in tuner.s2ft_layers():
         if adapter_name in layer.s2ft_indices:
             blocks[block.key] = block
-    owner = tuner.s2ft_order_owner
-    tuner.s2ft_order_owner = None
-    tuner.arrange()  # score in the original coordinates
-    try:
+    with tuner.original_layout():  # score in the original coordinates
         column_scores = _column_scores(
             model, tuner, blocks, config.selection, dataloader, forward_fn, show_progress_bar
         )
@@ -54,10 +51,7 @@ def initialize_s2ft_selection(
                 count = config.unit_count(block.kind, block.num_units)
                 units = select_units(block, count, unit_scores, config.selection_order)
                 layer.s2ft_indices[adapter_name].copy_(block.elements(projection_name(path), units))
-        tuner.s2ft_uncalibrated.discard(adapter_name)
-    finally:
-        tuner.s2ft_order_owner = owner
-        tuner.arrange()
+    tuner.s2ft_uncalibrated.discard(adapter_name)
 
 
 def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show_progress_bar):

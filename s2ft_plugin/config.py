@@ -34,8 +34,12 @@ class S2FTConfig(PeftConfig):
             ``initialize_s2ft_selection(model, dataloader)`` before training.
         selection_order: ``large`` keeps the highest-scoring units, ``small`` the lowest.
         seed: Seed of the random strategy (also of the placeholder selection of score-based strategies).
-        permute: Co-permute the coupled weights so that the selected units are contiguous ("compute densely").
-            The permutation preserves the model's function and is undone by ``unload``/``merge_and_unload``.
+        permute: Co-permute the coupled weights so that the selected units are contiguous ("compute densely"). The
+            permutation preserves the model's function, never shows in state dicts of the base model, and is undone
+            by ``unload``/``merge_and_unload``. ``None`` (default) co-permutes every block whose coupled weights S2FT
+            can move together (full precision, unfused, no unknown per-head state) and leaves the others in place;
+            ``True`` requires it and refuses a model where it is impossible; ``False`` never permutes. It is an
+            optimisation, not part of the adapter: loading ignores what cannot be honoured.
         init_weights: ``True`` starts every delta at zero (the adapter leaves outputs unchanged); ``False`` draws
             small random deltas, which is only useful for tests.
         modules_to_save: Extra modules to train and save, as in other PEFT methods.
@@ -58,13 +62,17 @@ class S2FTConfig(PeftConfig):
         default="large", metadata={"help": "Keep the largest or the smallest scores."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the random selection."})
-    permute: bool = field(default=True, metadata={"help": "Co-permute coupled weights so the selection is contiguous."})
+    permute: Optional[bool] = field(
+        default=None, metadata={"help": "Co-permute coupled weights so the selection is contiguous (None: wherever "
+                                        "a block allows it)."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "Start deltas at zero (False: random, for tests)."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules apart from S2FT layers to train and save."}
     )
 
     def __post_init__(self):
+        self._check_types()
         super().__post_init__()
         self.peft_type = ensure_peft_type("S2FT")
         if isinstance(self.target_modules, list):
@@ -77,7 +85,7 @@ class S2FTConfig(PeftConfig):
                 raise ValueError(f"S2FTConfig.{name} must lie in (0, 1], got {value!r}.")
         for name in ("num_heads", "num_channels"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise ValueError(f"S2FTConfig.{name} must be a positive int or None, got {value!r}.")
         if self.selection not in SELECTION_STRATEGIES:
             raise ValueError(f"S2FTConfig.selection must be one of {SELECTION_STRATEGIES}, got {self.selection!r}.")
@@ -85,6 +93,35 @@ class S2FTConfig(PeftConfig):
             raise ValueError(
                 f"S2FTConfig.selection_order must be one of {SELECTION_ORDERS}, got {self.selection_order!r}."
             )
+
+    def _check_types(self) -> None:
+        """Name the field when a value (often from a hand-edited adapter_config.json) has the wrong type."""
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_names(value):
+            return isinstance(value, str) or (
+                isinstance(value, (list, set, tuple)) and all(isinstance(item, str) for item in value)
+            )
+
+        expected = {
+            "head_ratio": ("a number", lambda v: is_int(v) or isinstance(v, float)),
+            "channel_ratio": ("a number", lambda v: is_int(v) or isinstance(v, float)),
+            "num_heads": ("an int or null", lambda v: v is None or is_int(v)),
+            "num_channels": ("an int or null", lambda v: v is None or is_int(v)),
+            "selection": ("a string", lambda v: isinstance(v, str)),
+            "selection_order": ("a string", lambda v: isinstance(v, str)),
+            "seed": ("an int", is_int),
+            "permute": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
+            "init_weights": ("true or false", lambda v: isinstance(v, bool)),
+            "target_modules": ("a module name, a list of names or null", lambda v: v is None or is_names(v)),
+            "exclude_modules": ("a module name, a list of names or null", lambda v: v is None or is_names(v)),
+            "modules_to_save": ("a list of module names or null", lambda v: v is None or is_names(v)),
+        }
+        for name, (kind, accepts) in expected.items():
+            value = getattr(self, name)
+            if not accepts(value):
+                raise TypeError(f"S2FTConfig.{name} must be {kind}, got {value!r} ({type(value).__name__}).")
 
     def unit_count(self, kind: str, total: int) -> int:
         """Selected units of one block: ``kind`` is ``"heads"`` or ``"channels"``, ``total`` the block's units."""

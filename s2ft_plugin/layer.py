@@ -31,6 +31,7 @@ class S2FTLayer(BaseTunerLayer):
         self.s2ft_indices = BufferDict({}, persistent=True)
         self.s2ft_positions = BufferDict({}, persistent=False)
         self.s2ft_start: dict[str, Optional[int]] = {}
+        self._indices_seen: dict[str, tuple] = {}  # adapter -> _stamp of the indices its positions were derived from
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
@@ -94,6 +95,33 @@ class S2FTLayer(BaseTunerLayer):
         start = int(positions[0])
         contiguous = torch.equal(positions, torch.arange(start, start + positions.numel(), device=positions.device))
         self.s2ft_start[adapter_name] = start if contiguous else None
+        self._indices_seen[adapter_name] = _stamp(self.s2ft_indices[adapter_name])
+
+    def selected_count(self, adapter_name: str) -> int:
+        """k: the rows/columns the adapter's delta covers."""
+        delta = self.s2ft_delta[adapter_name]
+        return delta.shape[0] if self.side == "output" else delta.shape[1]
+
+    def sync_positions(self) -> None:
+        """Check and apply index buffers that changed since their positions were derived.
+
+        Loaders write the buffers directly (transformers' own ``load_adapter`` without ``load_state_dict`` hooks), so
+        new indices are validated and mapped through the current layout here, before they are used. Only positions
+        change, never the layout, so this is safe in the middle of a forward pass.
+        """
+        for name, indices in self.s2ft_indices.items():
+            if self._indices_seen.get(name) != _stamp(indices):
+                layout, block, projection = self._s2ft_place
+                try:
+                    self.check_indices(name, indices, expected_count=self.selected_count(name))
+                except ValueError as error:
+                    raise ValueError(f"{error} Module: '{block.projections[projection]}'.") from None
+                with torch.inference_mode(False):  # later training steps save the positions for backward
+                    self.set_positions(name, layout.positions(block, projection, indices))
+
+
+def _stamp(tensor: torch.Tensor) -> tuple:
+    return id(tensor), tensor._version
 
 
 class Linear(nn.Module, S2FTLayer):
@@ -120,6 +148,7 @@ class Linear(nn.Module, S2FTLayer):
         weight.index_add_(0 if self.side == "output" else 1, positions, delta, alpha=sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.sync_positions()
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
         for name in adapter_names:
@@ -146,6 +175,7 @@ class Linear(nn.Module, S2FTLayer):
                 self._add_delta(weight.data, name, -1.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.sync_positions()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

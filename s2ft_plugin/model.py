@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -10,8 +11,10 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from .bnb import bnb_layer_class
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
+from .layout import Layout, base_layer, layout_blocker, through_tuner
 from .selection import random_scores, select_units
 from .structure import PROJECTIONS, Block, check_projection, find_block, projection_name
+from .transactions import loading, note_created
 
 # Llama-family blocks: o_proj and down_proj adapt their inputs, so partial backprop keeps only selected activations.
 TARGET_MODULES = {
@@ -23,9 +26,11 @@ TARGET_MODULES = {
 class S2FTModel(BaseTuner):
     """Injects S²FT layers and keeps the co-permutation of the base weights.
 
-    ``s2ft_unit_orders`` maps a block name to the permutation of its heads/channels currently applied to the base
-    weights (absent: original order). The first adapter with ``permute=True`` owns it: its selection is made
-    contiguous; other adapters address their units through it. Saved indices are always in the original coordinates.
+    The first adapter injected into the model lays out the blocks it targets so that its units are contiguous
+    (``permute``); that layout then stays until ``unload``/``merge_and_unload`` restore the original order: adding,
+    loading or deleting other adapters never moves base weights, so they cannot change what a concurrent forward of
+    another adapter computes. Every adapter addresses its units through the layout; saved indices are always in the
+    original coordinates.
     """
 
     prefix: str = "s2ft_"
@@ -33,35 +38,36 @@ class S2FTModel(BaseTuner):
     target_module_mapping = TARGET_MODULES
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        self.s2ft_unit_orders: dict[str, torch.Tensor] = {}
-        self.s2ft_order_owner: Optional[str] = None
+        self.s2ft_layout = Layout()
+        self.s2ft_layout_owner: Optional[str] = None
         self.s2ft_uncalibrated: set[str] = set()
         self._blocks: dict[str, Block] = {}
         self._pending_units: dict[str, torch.Tensor] = {}
-        # adapters injected since the last forward pass that no load has filled yet: a failed load may remove these
-        self._unfilled_adapters: set[str] = set()
+        note_created(self)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.arrange())
+        self.register_load_state_dict_pre_hook(_load_through_tuner)
+        self.register_load_state_dict_post_hook(lambda tuner, _keys: tuner.arrange())  # lay out loaded selections
 
     # ------------------------------------------------------------------ injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         config = self.peft_config[adapter_name]
-        self._check_targets(model, config)
+        owns_layout = config.permute is not False and self.s2ft_layout_owner is None and len(self.peft_config) == 1
+        self._check_targets(model, adapter_name, config, owns_layout)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
             self._pending_units.clear()
-        self._unfilled_adapters.add(adapter_name)
         if config.selection != "random":
             self.s2ft_uncalibrated.add(adapter_name)
-        if config.permute and self.s2ft_order_owner is None:
-            self.s2ft_order_owner = adapter_name
+        if owns_layout:
+            self.s2ft_layout_owner = adapter_name
         self.arrange()
 
-    def _check_targets(self, model: nn.Module, config: S2FTConfig) -> None:
-        """Refuse unsupported targets before any module is replaced, so a failure leaves the model as it was."""
+    def _check_targets(self, model: nn.Module, adapter_name: str, config: S2FTConfig, owns_layout: bool) -> None:
+        """Refuse what cannot be honoured before any module is replaced, so a failure leaves the model as it was."""
+        _check_adapter_name(adapter_name)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         layer_paths = tuple(path + "." for path, module in model.named_modules() if isinstance(module, S2FTLayer))
         for key, module in model.named_modules():
@@ -69,23 +75,15 @@ class S2FTModel(BaseTuner):
                 continue
             check_projection(key)
             block = self._block(model, key)
-            base = _base(module)
+            base = base_layer(module)
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"S2FT supports torch.nn.Linear projections; '{key}' is a {type(base).__name__}.")
-            if config.permute:
-                self._check_permutable(model, block)
-
-    def _check_permutable(self, model: nn.Module, block: Block) -> None:
-        if block.fused:
-            raise ValueError(
-                f"S2FT cannot co-permute block '{block.name}': its fused projection '{block.fused[0]}' mixes "
-                "projections. Set permute=False (o_proj/down_proj then still train without co-permutation)."
-            )
-        for path in block.projections.values():
-            base = _base(model.get_submodule(path))
-            if not base.weight.dtype.is_floating_point or bnb_layer_class(base) is not None:
+            config.unit_count(block.kind, block.num_units)
+            blocker = layout_blocker(model, block) if owns_layout and config.permute and not loading() else None
+            if blocker is not None:
                 raise ValueError(
-                    f"S2FT cannot co-permute '{path}': its weight is {base.weight.dtype} (quantized). Set permute=False."
+                    f"S2FT cannot honour permute=True: {blocker}, so its coupled weights cannot be co-permuted. Leave "
+                    "permute unset to co-permute only the blocks that allow it, or set permute=False."
                 )
 
     def _block(self, model: nn.Module, key: str) -> Block:
@@ -109,6 +107,8 @@ class S2FTModel(BaseTuner):
         layer_cls = bnb_layer_class(target) or Linear
         new_module = layer_cls(target, adapter_name, side=block.side(projection), unit_size=block.unit_size,
                                indices=indices, init_weights=config.init_weights)
+        # how the layer maps indices to positions on its own (not a submodule, not saved)
+        object.__setattr__(new_module, "_s2ft_place", (self.s2ft_layout, block, projection))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -121,7 +121,7 @@ class S2FTModel(BaseTuner):
                 yield path, self._block(self.model, path), module
 
     def adapter_units(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Selected units (query heads or channels, original coordinates) of an adapter, per block name."""
+        """Selected units (query heads or channels, original coordinates) of an adapter, per block key."""
         units: dict[str, torch.Tensor] = {}
         for path, block, layer in self.s2ft_layers():
             if adapter_name not in layer.s2ft_indices:
@@ -133,41 +133,41 @@ class S2FTModel(BaseTuner):
         return units
 
     def arrange(self) -> None:
-        """Permute each block so that the owner's units are contiguous, then re-point every adapter's positions."""
-        owner_units = self.adapter_units(self.s2ft_order_owner) if self.s2ft_order_owner else {}
-        layers = list(self.s2ft_layers())
-        for key in {block.key for _, block, _ in layers} | set(self.s2ft_unit_orders):
-            block = self._blocks[key]
-            self._reorder(block, block.contiguous_order(owner_units[key]) if key in owner_units else None)
-        for path, block, layer in layers:
-            order = self.s2ft_unit_orders.get(block.key)
-            inverse = None if order is None else torch.argsort(block.element_permutation(projection_name(path), order))
+        """Lay out the owner's blocks so its units are contiguous, then point every adapter at its units."""
+        if self.s2ft_layout_owner is not None:
+            for key, units in self.adapter_units(self.s2ft_layout_owner).items():
+                block = self._blocks[key]
+                if layout_blocker(self.model, block) is None:
+                    self.s2ft_layout.move(self.model, block, block.contiguous_order(units))
+        for path, block, layer in self.s2ft_layers():
             for adapter_name, indices in layer.s2ft_indices.items():
-                layer.set_positions(adapter_name, indices if inverse is None else inverse.to(indices.device)[indices])
+                layer.set_positions(adapter_name, self.s2ft_layout.positions(block, projection_name(path), indices))
 
-    @torch.no_grad()
-    def _reorder(self, block: Block, target: Optional[torch.Tensor]) -> None:
-        identity = torch.arange(block.num_units)
-        current = self.s2ft_unit_orders.get(block.key, identity)
-        target = identity if target is None else target
-        if torch.equal(current, target):
-            return
-        relative = torch.argsort(current)[target]
-        for projection, path in block.projections.items():
-            base = _base(self.model.get_submodule(path))
-            elements = block.element_permutation(projection, relative).to(base.weight.device)
-            dim = 0 if block.side(projection) == "output" else 1
-            base.weight.data.copy_(base.weight.data.index_select(dim, elements))
-            if dim == 0 and base.bias is not None:
-                base.bias.data.copy_(base.bias.data[elements])
-        if torch.equal(target, identity):
-            self.s2ft_unit_orders.pop(block.key, None)
-        else:
-            self.s2ft_unit_orders[block.key] = target
+    @contextlib.contextmanager
+    def original_layout(self):
+        """Undo the co-permutation for the duration (e.g. to score units in the original coordinates)."""
+        owner, self.s2ft_layout_owner = self.s2ft_layout_owner, None
+        self._restore_original_order()
+        try:
+            yield
+        finally:
+            self.s2ft_layout_owner = owner
+            self.arrange()
+
+    def _restore_original_order(self) -> None:
+        for block in list(self.s2ft_layout.blocks.values()):
+            self.s2ft_layout.move(self.model, block, None)
+        self.arrange()
+
+    def state_dict(self, *args, **kwargs):
+        """Base weights stay in the current layout (no copy); the layout is recorded beside them."""
+        with through_tuner():
+            result = super().state_dict(*args, **kwargs)
+        result.update(self.s2ft_layout.state_dict_entries(kwargs.get("prefix", "")))
+        return result
 
     # ------------------------------------------------------------------ PEFT behaviour
     def forward(self, *args, **kwargs):
-        self._unfilled_adapters.clear()
         if self.training and self.s2ft_uncalibrated & set(self.active_adapters):
             names = sorted(self.s2ft_uncalibrated & set(self.active_adapters))
             raise RuntimeError(
@@ -179,11 +179,8 @@ class S2FTModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.s2ft_uncalibrated.discard(adapter_name)
-        self._unfilled_adapters.discard(adapter_name)
-        if self.s2ft_order_owner == adapter_name:
-            self.s2ft_order_owner = next(
-                (name for name, cfg in self.peft_config.items() if cfg.permute and name != adapter_name), None
-            )
+        if self.s2ft_layout_owner == adapter_name:
+            self.s2ft_layout_owner = None  # the layout stays: the other adapters keep computing what they did
         self.arrange()
 
     def _check_finite(self, adapter_names: Optional[list[str]]) -> None:
@@ -203,65 +200,76 @@ class S2FTModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge and safe_merge:
             self._check_finite(adapter_names)
-        self.s2ft_order_owner = None
-        self.arrange()  # restores the original order, so exported weights are a drop-in checkpoint
+        self.s2ft_layout_owner = None
+        self._restore_original_order()  # exported weights are a drop-in checkpoint
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check the saved indices and deltas against the layers before loading; roll the adapter back if unfit."""
+        """Check the saved indices and deltas against the layers before anything is loaded."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        try:
-            _check_adapter_tensors(model, adapter_name, remapped)
-        except ValueError:
-            _roll_back(model, adapter_name)
-            raise
+        _check_adapter_tensors(model, adapter_name, remapped)
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, S2FTModel):
             tuner.s2ft_uncalibrated.discard(adapter_name)
-            tuner._unfilled_adapters.discard(adapter_name)
         return remapped
 
 
-def _roll_back(model: nn.Module, adapter_name: str) -> None:
-    """Undo what the failed load added: its freshly injected adapter, or S2FT altogether if that was the only one.
+def _check_adapter_name(adapter_name: str) -> None:
+    """Adapter names become attribute names of parameter and buffer dicts: refuse one torch cannot register."""
+    from peft.tuners._buffer_dict import BufferDict
 
-    An adapter that was already in use (trained, or loaded before) is left as it was: nothing was loaded into it.
-    """
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, S2FTModel) or adapter_name not in tuner._unfilled_adapters:
-        return
-    if len(tuner.peft_config) > 1:
-        model.delete_adapter(adapter_name)
-    else:
-        tuner.unload()
+    try:
+        nn.ParameterDict({adapter_name: nn.Parameter(torch.empty(0))})
+        BufferDict({adapter_name: torch.empty(0)})
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"Invalid S2FT adapter name {adapter_name!r}: it must be a non-empty string without '.' that is not an "
+            f"attribute of torch.nn.ParameterDict ({error})."
+        ) from None
+
+
+def _load_through_tuner(tuner, state_dict, prefix, *_args) -> None:
+    """A state dict taken through a tuner holds base weights in its recorded layout: bring them to the original
+    order, which the base modules' own hooks then bring into this model's layout."""
+    tuner.s2ft_layout.to_original(tuner.model, tuner._blocks, state_dict, prefix)
+
+
+_PEFT_PREFIX = "base_model.model."
 
 
 def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    expected = set()
     for path, module in model.named_modules():
         if not isinstance(module, S2FTLayer) or adapter_name not in module.s2ft_delta:
             continue
-        indices = state_dict.get(f"{path}.s2ft_indices.{adapter_name}")
-        delta = state_dict.get(f"{path}.s2ft_delta.{adapter_name}")
+        where = f"S2FT adapter '{adapter_name}' at '{path.removeprefix(_PEFT_PREFIX)}'"
+        keys = (f"{path}.s2ft_indices.{adapter_name}", f"{path}.s2ft_delta.{adapter_name}")
+        expected.update(keys)
+        indices, delta = (state_dict.get(key) for key in keys)
         if indices is None or delta is None:
             raise ValueError(
-                f"S2FT adapter '{adapter_name}' has no {'indices' if indices is None else 'delta'} for '{path}'; the "
-                "adapter was saved for other target modules or is incomplete."
+                f"{where} has no {'indices' if indices is None else 'delta'}; the adapter was saved for other target "
+                "modules or is incomplete."
             )
-        expected = module.s2ft_delta[adapter_name].shape
+        shape = module.s2ft_delta[adapter_name].shape
         try:
             module.check_indices(adapter_name, indices, expected_count=module.s2ft_indices[adapter_name].numel())
         except ValueError as error:
-            raise ValueError(f"{error} Module: '{path}'.") from None
-        if tuple(delta.shape) != tuple(expected):
+            raise ValueError(f"{error} Module: '{path.removeprefix(_PEFT_PREFIX)}'.") from None
+        if tuple(delta.shape) != tuple(shape):
             raise ValueError(
-                f"S2FT adapter '{adapter_name}' has a delta of shape {tuple(delta.shape)} for '{path}' but this base "
-                f"model needs {tuple(expected)}."
+                f"{where} has a delta of shape {tuple(delta.shape)} but this base model needs {tuple(shape)}."
             )
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, S2FTLayer) else module
-
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{where} has a delta holding NaN or infinite values; it was not loaded.")
+    # PEFT names only the keys that match an adapted module; the others keep their saved names
+    for key in state_dict:
+        if key not in expected and (".s2ft_indices" in key or ".s2ft_delta" in key):
+            raise ValueError(
+                f"S2FT adapter '{adapter_name}' holds '{key.removeprefix(_PEFT_PREFIX)}', which has no place in this "
+                "model: the adapter was trained on a model with other layers or projections, or its config does not "
+                "name all its target modules."
+            )

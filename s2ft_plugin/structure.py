@@ -1,13 +1,15 @@
-"""Coupled structure of transformer blocks: which rows and columns of which projections belong to a head or channel.
+"""Coupled structure of transformer blocks: which rows and columns of which tensors belong to a head or channel.
 
 An attention block's unit is a query head: it owns ``head_dim`` rows of q_proj and columns of o_proj, and shares its
 key/value head (rows of k_proj and v_proj) with the other query heads of its group. An FFN block's unit is a channel:
-one row of gate_proj and up_proj and one column of down_proj.
+one row of gate_proj and up_proj and one column of down_proj. Some attention blocks keep per-head state beside the
+projections (OLMo2's q/k norms over all heads, Cohere's per-head norms, GPT-OSS attention sinks); it follows its heads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +27,19 @@ PROJECTIONS = {
 # the projection whose weight and input define a unit's scores: the input side of each block
 SCORING_PROJECTION = {"heads": "o_proj", "channels": "down_proj"}
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "W_pack", "query_key_value", "c_attn", "c_fc")
+# what a block needs so that co-permuting its projections preserves the model's function
+REQUIRED_PROJECTIONS = {"heads": ("q_proj", "k_proj", "v_proj", "o_proj"), "channels": ("down_proj",)}
+# per-head state beside the projections (first name of its path in the block) -> the unit axis it follows
+PER_HEAD_STATE = {"q_norm": "query", "k_norm": "key_value", "sinks": "query"}
+
+
+@dataclass(frozen=True)
+class CoupledTensor:
+    """A tensor beside the projections whose dim 0 indexes the block's heads (``per_unit``) or their rows."""
+
+    path: str  # path of the tensor relative to the model, e.g. "model.layers.0.self_attn.q_norm.weight"
+    axis: str  # "query" or "key_value"
+    per_unit: bool
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,8 @@ class Block:
     unit_size: int  # head_dim for heads, 1 for channels
     group_size: int  # query heads per key/value head, 1 for channels
     projections: dict  # projection name -> module path
-    fused: tuple = ()  # paths of fused projections in the block (they cannot be co-permuted)
+    coupled: tuple = ()  # CoupledTensor entries: per-head state that moves with the heads
+    layout_blocker: Optional[str] = None  # why the block's weights cannot be co-permuted (None: they can)
 
     @property
     def key(self) -> str:
@@ -64,14 +80,16 @@ class Block:
         return units
 
     def axis_size(self, projection: str) -> int:
-        units = self.num_units // self.group_size if self.axis(projection) == "key_value" else self.num_units
-        return units * self.unit_size
+        return self.axis_units(self.axis(projection)) * self.unit_size
 
-    def element_permutation(self, projection: str, unit_perm: torch.Tensor) -> torch.Tensor:
-        """Expand a permutation of query heads (or channels) to the rows/columns of ``projection``."""
-        if self.axis(projection) == "key_value":
+    def axis_units(self, axis: str) -> int:
+        return self.num_units // self.group_size if axis == "key_value" else self.num_units
+
+    def permutation(self, axis: str, unit_perm: torch.Tensor, per_unit: bool = False) -> torch.Tensor:
+        """Expand a permutation of query heads (or channels) to the units (``per_unit``) or rows/columns of ``axis``."""
+        if axis == "key_value":
             unit_perm = unit_perm[:: self.group_size] // self.group_size
-        return self._expand(unit_perm)
+        return unit_perm.long() if per_unit else self._expand(unit_perm)
 
     def _expand(self, units: torch.Tensor) -> torch.Tensor:
         offsets = torch.arange(self.unit_size, dtype=torch.long)
@@ -112,7 +130,7 @@ def check_projection(module_path: str) -> None:
     if name in FUSED_PROJECTIONS:
         raise ValueError(
             f"S2FT cannot target the fused projection '{module_path}': its rows mix several projections. Target the "
-            "unfused projections (o_proj, down_proj) and set permute=False, or use a model with split projections."
+            "unfused projections (o_proj, down_proj), or use a model with split projections."
         )
     if name not in PROJECTIONS:
         raise ValueError(
@@ -126,15 +144,12 @@ def find_block(model: nn.Module, module_path: str) -> Block:
     check_projection(module_path)
     kind = PROJECTIONS[projection_name(module_path)][0]
     block_name = module_path.rsplit(".", 1)[0] if "." in module_path else ""
-    block = model.get_submodule(block_name) if block_name else model
+    block_module = model.get_submodule(block_name) if block_name else model
     projections = {}
-    fused = []
-    for child_name, _ in block.named_children():
+    for child_name, _ in block_module.named_children():
         path = f"{block_name}.{child_name}" if block_name else child_name
         if child_name in PROJECTIONS and PROJECTIONS[child_name][0] == kind:
             projections[child_name] = path
-        elif child_name in FUSED_PROJECTIONS:
-            fused.append(path)
     config = _text_config(model)
     if kind == "heads":
         num_heads = config.num_attention_heads
@@ -148,9 +163,51 @@ def find_block(model: nn.Module, module_path: str) -> Block:
         weight_shape = _linear_shape(model.get_submodule(down))
         channels = weight_shape[1] if down.endswith("down_proj") else weight_shape[0]
         geometry = dict(num_units=channels, unit_size=1, group_size=1)
-    result = Block(name=block_name, kind=kind, projections=projections, fused=tuple(fused), **geometry)
-    _check_shapes(model, result)
-    return result
+    block = Block(name=block_name, kind=kind, projections=projections, **geometry)
+    _check_shapes(model, block)
+    coupled, blocker = _coupled_state(block, block_module)
+    return Block(name=block_name, kind=kind, projections=projections, coupled=coupled, layout_blocker=blocker,
+                 **geometry)
+
+
+def _coupled_state(block: Block, block_module: nn.Module) -> tuple[tuple, Optional[str]]:
+    """Per-head state that moves with the heads, and why the block cannot be co-permuted (None if it can).
+
+    A block can be co-permuted only when every tensor that indexes its units is known: its projections are complete
+    and unfused, and any other tensor of the block with a dimension of the units' sizes is per-head state S2FT knows.
+    """
+    where = f"block '{block.name}'"
+    fused = [name for name, _ in block_module.named_children() if name in FUSED_PROJECTIONS]
+    if fused:
+        return (), f"{where} holds the fused projection '{block.name}.{fused[0]}'"
+    missing = [name for name in REQUIRED_PROJECTIONS[block.kind] if name not in block.projections]
+    if block.kind == "channels" and not ({"gate_proj", "up_proj"} & set(block.projections)):
+        missing.append("gate_proj/up_proj")
+    if missing:
+        required = "/".join(REQUIRED_PROJECTIONS[block.kind])
+        return (), f"{where} has no {', '.join(missing)} (S2FT moves {required} together)"
+    sizes = {block.axis_units(axis) * size for axis in ("query", "key_value") for size in (1, block.unit_size)}
+    coupled = []
+    for name, tensor in [*block_module.named_parameters(), *block_module.named_buffers()]:
+        head = name.split(".", 1)[0]
+        if head in block.projections or "rotary" in head:
+            continue
+        path = f"{block.name}.{name}" if block.name else name
+        axis = PER_HEAD_STATE.get(head) if block.kind == "heads" else None
+        if axis is not None:
+            if tensor.dim() == 1 and tensor.numel() == block.unit_size:
+                continue  # one head's worth, shared by all heads (Qwen3/Gemma3 q_norm)
+            units = block.axis_units(axis)
+            if tensor.dim() == 1 and tensor.shape[0] == units * block.unit_size:
+                coupled.append(CoupledTensor(path, axis, per_unit=False))
+                continue
+            if tensor.dim() >= 1 and tensor.shape[0] == units:
+                coupled.append(CoupledTensor(path, axis, per_unit=True))
+                continue
+        if any(dim in sizes for dim in tensor.shape):
+            shape = tuple(tensor.shape)
+            return (), f"{where} holds '{path}' {shape}, which S2FT does not know how to move with its units"
+    return tuple(coupled), None
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:

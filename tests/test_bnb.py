@@ -266,9 +266,26 @@ def test_bf16_autocast_trains_with_float32_deltas(checkpoint, targets):
 def test_quantized_bases_cannot_be_co_permuted(checkpoint, storage):
     options = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
     model = quantized(checkpoint, "nf4", **options)
-    with pytest.raises(ValueError, match="Set permute=False"):
+    with pytest.raises(ValueError, match="quantized weight .*permute=False"):
         get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", permute=True))
     assert not any(isinstance(module, S2FTLayer) for module in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("permute", [None, True])
+def test_adapters_trained_co_permuted_load_onto_quantized_bases(checkpoint, kind, permute, tmp_path):
+    """Indices are saved in original coordinates, so co-permutation is an optimisation a quantized base skips."""
+    torch.manual_seed(0)
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint), S2FTConfig(
+        task_type="CAUSAL_LM", target_modules=ALL_PROJECTIONS, num_heads=2, num_channels=16, init_weights=False,
+        permute=permute))
+    assert trained.base_model.s2ft_layout.orders
+    trained.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(quantized(checkpoint, kind), str(tmp_path)).train()
+    assert not loaded.base_model.s2ft_layout.orders
+    reference = dense_merge(dense_copy(quantized(checkpoint, kind)), saved_adapter(str(tmp_path)))
+    ids = token_ids()
+    torch.testing.assert_close(loaded(ids, labels=ids).loss, reference(ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

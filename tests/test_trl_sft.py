@@ -2,10 +2,12 @@
 
 import os
 
+import pytest
 import torch
 from datasets import Dataset
 from helpers import reference_model
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from trl import SFTConfig, SFTTrainer
 
 from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
@@ -108,3 +110,36 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
         else:
             assert torch.equal(got[name], expected[name])
+
+
+def _duplicate_indices(tensors):
+    key = next(key for key in tensors if key.endswith("down_proj.s2ft_indices"))
+    tensors[key][1] = tensors[key][0]
+
+
+def _infinite_delta(tensors):
+    key = next(key for key in tensors if key.endswith("o_proj.s2ft_delta"))
+    tensors[key][0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("damage,message", [(_duplicate_indices, "duplicates"), (_infinite_delta, "NaN or infinite")])
+def test_refused_resume_leaves_the_trainers_adapter_in_place(damage, message, tmp_path):
+    dataset = chat_dataset(repeat=2)
+    args = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    trainer(tmp_path / "first", dataset, **args).train()
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    tensors = load_file(checkpoint / "adapter_model.safetensors")
+    damage(tensors)
+    save_file(tensors, checkpoint / "adapter_model.safetensors")
+
+    resumed = trainer(tmp_path / "resumed", dataset, **args)
+    before = s2ft_tensors(resumed.model)
+    with pytest.raises(ValueError, match=message):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert s2ft_tensors(resumed.model).keys() == before.keys()
+    resumed.train()  # trains what get_peft_model made
+    after = s2ft_tensors(resumed.model)
+    assert any(not torch.equal(after[name], before[name]) for name in before if ".s2ft_delta." in name)
+    resumed.save_model(str(tmp_path / "adapter"))
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == len(before) > 0

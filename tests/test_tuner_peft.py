@@ -36,7 +36,7 @@ def test_co_permutation_preserves_the_function(architecture, token_batch):
     base_logits = logits(build_model(architecture), token_batch)
     model = s2ft(architecture, seed=3)
     tuner = model.base_model
-    assert tuner.s2ft_unit_orders, "the selection should need a permutation"
+    assert tuner.s2ft_layout.orders, "the selection should need a permutation"
     permuted = model.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
     assert not torch.equal(permuted, build_model(architecture).model.layers[0].mlp.down_proj.weight)
     with model.disable_adapter():
@@ -45,7 +45,7 @@ def test_co_permutation_preserves_the_function(architecture, token_batch):
     for _, _, layer in tuner.s2ft_layers():
         assert layer.s2ft_start["default"] is not None
     unpermuted = s2ft(architecture, seed=3, permute=False)
-    assert not unpermuted.base_model.s2ft_unit_orders
+    assert not unpermuted.base_model.s2ft_layout.orders
     torch.testing.assert_close(logits(model, token_batch), logits(unpermuted, token_batch), atol=1e-5, rtol=1e-5)
 
 
@@ -99,16 +99,17 @@ with torch.no_grad():
     )
 
 
-@pytest.mark.parametrize("trained_permuted", [True, False])
+@pytest.mark.parametrize("trained_permuted", [None, False])
 def test_adapter_loads_across_permutation_settings(trained_permuted, token_batch, tmp_path):
     model = s2ft("mistral", seed=2, permute=trained_permuted)
+    assert bool(model.base_model.s2ft_layout.orders) == (trained_permuted is None)
     model.save_pretrained(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["permute"] = not trained_permuted
+    config["permute"] = None if trained_permuted is False else False
     config_path.write_text(json.dumps(config))
     loaded = PeftModel.from_pretrained(build_model("mistral"), tmp_path)
-    assert bool(loaded.base_model.s2ft_unit_orders) == (not trained_permuted)
+    assert bool(loaded.base_model.s2ft_layout.orders) == (trained_permuted is False)
     torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=1e-5, rtol=1e-5)
 
 
@@ -180,8 +181,12 @@ def test_multiple_adapters_add_set_combine_delete(token_batch, tmp_path):
     merged = copy.deepcopy(model).merge_and_unload()
     torch.testing.assert_close(logits(merged, token_batch), logits(both, token_batch), atol=1e-4, rtol=1e-4)
 
+    layout = {key: order.clone() for key, order in model.base_model.s2ft_layout.orders.items()}
     model.delete_adapter("default")
-    assert model.base_model.s2ft_order_owner == "other"  # the next adapter with permute=True takes the layout over
+    # deleting the adapter that laid the blocks out moves no base weight: the other adapters compute what they did
+    assert model.base_model.s2ft_layout_owner is None
+    assert model.base_model.s2ft_layout.orders.keys() == layout.keys()
+    assert all(torch.equal(model.base_model.s2ft_layout.orders[key], order) for key, order in layout.items())
     torch.testing.assert_close(logits(model, token_batch), logits(reference_model("mistral", [second]), token_batch), atol=1e-4, rtol=1e-4)
 
 

@@ -1,0 +1,169 @@
+"""Co-permutation of coupled weights ("compute densely"), kept inside the tuner.
+
+A block's layout is a permutation of its units applied in place to every tensor that indexes them: q/k/v rows and
+biases, o_proj columns, gate/up rows, down_proj columns, and per-head state beside them (``Block.coupled``). The model
+computes the same function in any layout, and the layout never leaves the tuner:
+
+- a state dict taken from the base model (``get_base_model().state_dict()``, ``peft.get_base_model_state_dict``,
+  ``save_pretrained`` of the base) holds the original order, and one loaded into it is taken in the original order;
+- a state dict taken through the tuner (``PeftModel.state_dict()``: what PEFT, Trainer and accelerate save) holds the
+  current layout without copying the weights, plus one ``coperm_layout.<block>`` entry per permuted block, so a load
+  through the tuner converts it to whatever layout the loading model has.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .structure import Block
+
+LAYOUT_KEY = "coperm_layout."
+# set while a state dict is taken through the tuner: the base weights then stay in the current layout
+_THROUGH_TUNER: ContextVar[bool] = ContextVar("s2ft_state_dict_through_tuner", default=False)
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def layout_blocker(model: nn.Module, block: Block) -> Optional[str]:
+    """Why ``block`` cannot be co-permuted on ``model``, or None if it can."""
+    if block.layout_blocker is not None:
+        return block.layout_blocker
+    for path in block.projections.values():
+        weight = base_layer(model.get_submodule(path)).weight
+        if not weight.dtype.is_floating_point or type(weight) is not nn.Parameter:
+            return f"'{path}' holds a quantized weight ({type(weight).__name__}, {weight.dtype})"
+    return None
+
+
+def _moved_tensors(model: nn.Module, block: Block):
+    """(owning module, attribute, axis, per_unit, dim) of every tensor the block's layout moves."""
+    for projection, path in block.projections.items():
+        base = base_layer(model.get_submodule(path))
+        axis = block.axis(projection)
+        if block.side(projection) == "output":
+            yield base, "weight", axis, False, 0
+            if base.bias is not None:
+                yield base, "bias", axis, False, 0
+        else:
+            yield base, "weight", axis, False, 1
+    for tensor in block.coupled:
+        owner, _, attr = tensor.path.rpartition(".")
+        yield (model.get_submodule(owner) if owner else model), attr, tensor.axis, tensor.per_unit, 0
+
+
+class Layout:
+    """The permutation of each block's units that is applied to the base weights now (absent: original order)."""
+
+    def __init__(self) -> None:
+        self.orders: dict[str, torch.Tensor] = {}
+        self.blocks: dict[str, Block] = {}
+
+    def order(self, block: Block) -> torch.Tensor:
+        return self.orders.get(block.key, torch.arange(block.num_units))
+
+    @torch.no_grad()
+    def move(self, model: nn.Module, block: Block, target: Optional[torch.Tensor]) -> None:
+        """Permute the block's tensors in place from the current layout to ``target`` (None: the original order)."""
+        identity = torch.arange(block.num_units)
+        current = self.order(block)
+        target = identity if target is None else target
+        if torch.equal(current, target):
+            return
+        relative = torch.argsort(current)[target]
+        permuted = not torch.equal(target, identity)
+        for module, attr, axis, per_unit, dim in _moved_tensors(model, block):
+            tensor = getattr(module, attr)
+            index = block.permutation(axis, relative, per_unit).to(tensor.device)
+            tensor.data.copy_(tensor.data.index_select(dim, index))
+            _track(module, attr, (self, block, axis, per_unit, dim) if permuted else None)
+        if permuted:
+            self.orders[block.key], self.blocks[block.key] = target, block
+        else:
+            self.orders.pop(block.key, None)
+            self.blocks.pop(block.key, None)
+
+    def positions(self, block: Block, projection: str, indices: torch.Tensor) -> torch.Tensor:
+        """Where the original rows/columns ``indices`` of ``projection`` sit in the current layout."""
+        if block.key not in self.orders:
+            return indices
+        inverse = torch.argsort(block.permutation(block.axis(projection), self.orders[block.key]))
+        return inverse.to(indices.device)[indices]
+
+    def state_dict_entries(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}{LAYOUT_KEY}{key}": order.clone() for key, order in self.orders.items()}
+
+    def to_original(self, model: nn.Module, blocks: dict, state_dict: dict, prefix: str) -> None:
+        """Bring base weights that a tuner's state dict holds in the layout it recorded back to the original order.
+
+        ``prefix`` is the tuner's key prefix in ``state_dict``; ``blocks`` maps block keys to the model's blocks.
+        """
+        names = {id(module): name for name, module in model.named_modules()}
+        for key in [key for key in state_dict if key.startswith(prefix + LAYOUT_KEY)]:
+            saved = state_dict.pop(key).long()
+            block = blocks.get(key[len(prefix + LAYOUT_KEY):])
+            if block is None:
+                raise ValueError(f"S2FT state dict entry {key!r} names a block this model does not adapt.")
+            for module, attr, axis, per_unit, dim in _moved_tensors(model, block):
+                name = names[id(module)]
+                tensor_key = f"{prefix}model.{name}.{attr}" if name else f"{prefix}model.{attr}"
+                if tensor_key in state_dict:
+                    value = state_dict[tensor_key]
+                    index = torch.argsort(block.permutation(axis, saved, per_unit)).to(value.device)
+                    state_dict[tensor_key] = value.index_select(dim, index)
+
+
+class through_tuner:
+    """While active, base-model state dict hooks leave the weights in the current layout."""
+
+    def __enter__(self):
+        self._token = _THROUGH_TUNER.set(True)
+
+    def __exit__(self, *exc):
+        _THROUGH_TUNER.reset(self._token)
+
+
+def _track(module: nn.Module, attr: str, entry: Optional[tuple]) -> None:
+    """Record how ``module.attr`` is permuted (None: it is in the original order) and keep the module's state dict
+    hooks, which show it in the original order, registered exactly while something of it is permuted."""
+    moved = module.__dict__.setdefault("_s2ft_moved", {})
+    if entry is None:
+        moved.pop(attr, None)
+    else:
+        moved[attr] = entry
+    if moved and "_s2ft_layout_hooks" not in module.__dict__:
+        module.__dict__["_s2ft_layout_hooks"] = (
+            module.register_state_dict_post_hook(_state_dict_in_original_order),
+            module.register_load_state_dict_pre_hook(_load_from_original_order),
+        )
+    elif not moved:
+        for handle in module.__dict__.pop("_s2ft_layout_hooks", ()):
+            handle.remove()
+        del module.__dict__["_s2ft_moved"]
+
+
+def _element_index(layout, block, axis, per_unit) -> torch.Tensor:
+    return block.permutation(axis, layout.order(block), per_unit)
+
+
+def _state_dict_in_original_order(module, state_dict, prefix, _local_metadata) -> None:
+    if _THROUGH_TUNER.get():
+        return
+    for attr, (layout, block, axis, per_unit, dim) in module.__dict__.get("_s2ft_moved", {}).items():
+        key = prefix + attr
+        if key in state_dict:
+            index = torch.argsort(_element_index(layout, block, axis, per_unit)).to(state_dict[key].device)
+            state_dict[key] = state_dict[key].detach().index_select(dim, index)
+
+
+def _load_from_original_order(module, state_dict, prefix, *_args) -> None:
+    for attr, (layout, block, axis, per_unit, dim) in module.__dict__.get("_s2ft_moved", {}).items():
+        key = prefix + attr
+        if key in state_dict:
+            index = _element_index(layout, block, axis, per_unit).to(state_dict[key].device)
+            state_dict[key] = state_dict[key].index_select(dim, index)

@@ -43,7 +43,7 @@ class S2FTArguments:
     s2ft_calibration_batches: int = field(default=8, metadata={"help": "Batches scoring a data-based selection."})
     s2ft_seed: int = field(default=42, metadata={"help": "Seed of the random selection."})
     s2ft_permute: Optional[bool] = field(default=None, metadata={"help": "Co-permute the base weights (default: "
-                                                                          "unless the base is quantized)."})
+                                                                          "wherever the block allows it)."})
     s2ft_delta_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable deltas."})
 
 
@@ -69,12 +69,11 @@ def main(script_args, training_args, model_args, s2ft_args):
         dataset = builtin_dataset()
 
     quantization_config = get_quantization_config(model_args)
-    permute = s2ft_args.s2ft_permute if s2ft_args.s2ft_permute is not None else quantization_config is None
     peft_config = S2FTConfig(
         task_type="CAUSAL_LM", target_modules=s2ft_args.s2ft_target_modules, head_ratio=s2ft_args.s2ft_head_ratio,
         num_heads=s2ft_args.s2ft_num_heads, channel_ratio=s2ft_args.s2ft_channel_ratio,
         num_channels=s2ft_args.s2ft_num_channels, selection=s2ft_args.s2ft_selection, seed=s2ft_args.s2ft_seed,
-        permute=permute,
+        permute=s2ft_args.s2ft_permute,
     )
     trainer = SFTTrainer(model=model_path, args=training_args, train_dataset=dataset,
                          quantization_config=quantization_config, peft_config=peft_config)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
-from peft.utils.integrations import dequantize_module_weight
 from tqdm.auto import tqdm
 
+from .architectures import base_layer, linear_shape, linear_weight
 from .selection import select_units
-from .structure import SCORING_PROJECTION, Block, projection_name
+from .structure import SCORING_ROLE, Block
 
 
 def _default_forward(model, batch) -> torch.Tensor:
@@ -50,18 +50,21 @@ def initialize_s2ft_selection(
                 unit_scores = column_scores[block.key].view(block.num_units, block.unit_size).sum(1)
                 count = config.unit_count(block.kind, block.num_units)
                 units = select_units(block, count, unit_scores, config.selection_order)
-                layer.s2ft_indices[adapter_name].copy_(block.elements(projection_name(path), units))
+                layer.s2ft_indices[adapter_name].copy_(block.elements(block.role(path), units))
     tuner.s2ft_uncalibrated.discard(adapter_name)
 
 
 def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show_progress_bar):
     """Per input column of each block's scoring projection."""
-    modules = {
-        key: tuner.model.get_submodule(block.projections[SCORING_PROJECTION[block.kind]]) for key, block in blocks.items()
-    }
+    modules = {}
+    for key, block in blocks.items():
+        role = SCORING_ROLE[block.kind]
+        if role not in block.projections:
+            raise ValueError(f"S2FT cannot score the units of block '{block.name}': it has no {role} projection.")
+        modules[key] = tuner.model.get_submodule(block.projections[role])
     if selection == "weight":
         return {key: _weight_column_sums(module) for key, module in modules.items()}
-    sums = {key: torch.zeros(module.in_features, dtype=torch.float64) for key, module in modules.items()}
+    sums = {key: torch.zeros(linear_shape(module)[1], dtype=torch.float64) for key, module in modules.items()}
 
     def make_hook(key):
         def hook(_module, inputs, output):
@@ -101,8 +104,5 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
 
 def _weight_column_sums(module) -> torch.Tensor:
     """Sum of |W| per input column of the weight the projection computes with (quantized bases dequantized)."""
-    if hasattr(module, "dequantized_weight"):
-        weight = module.dequantized_weight()
-    else:
-        weight = dequantize_module_weight(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+    weight = module.dequantized_weight() if hasattr(module, "dequantized_weight") else linear_weight(base_layer(module))
     return weight.detach().float().abs().sum(0)

@@ -31,6 +31,11 @@ def _scatter(grad2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]
         grad2d.index_add_(1, positions, values)
 
 
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D (tokens, features) view of a contiguous activation."""
+    return tensor.view(-1, tensor.shape[-1])
+
+
 def _base_forward(ctx, x, weight, bias, base_out):
     ctx.fused = base_out is None
     return F.linear(x, weight, bias) if ctx.fused else base_out
@@ -52,11 +57,14 @@ class InputSideDelta(torch.autograd.Function):
         base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         selected = _gather(x2d, positions, start).to(base_out.dtype)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t())
+        # written into a tensor of the output's shape: a returned view could not be modified in place downstream
+        out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
+        base2d = base_out.reshape(-1, base_out.shape[-1])
+        torch.addmm(base2d, selected, delta.to(base_out.dtype).t(), out=_rows(out))
         selected = selected.contiguous() if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(selected, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
-        return out.view(base_out.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -85,12 +93,12 @@ class OutputSideDelta(torch.autograd.Function):
         base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         update = x2d.to(base_out.dtype) @ delta.to(base_out.dtype).t()
-        out = base_out.reshape(-1, base_out.shape[-1])
-        out = out if ctx.fused else out.clone()  # a base output computed here is ours to update in place
-        _scatter(out, positions, start, update)
+        # a base output computed here is ours to update in place
+        out = base_out if ctx.fused else base_out.clone(memory_format=torch.contiguous_format)
+        _scatter(_rows(out), positions, start, update)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
-        return out.view(base_out.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

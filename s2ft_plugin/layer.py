@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from .architectures import linear_shape, linear_weight
 from .functional import InputSideDelta, OutputSideDelta
 
 
@@ -34,7 +35,7 @@ class S2FTLayer(BaseTunerLayer):
         self._indices_seen: dict[str, tuple] = {}  # adapter -> _stamp of the indices its positions were derived from
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.out_features, self.in_features = linear_shape(self.get_base_layer())
         self.kwargs = kwargs
 
     @property
@@ -150,7 +151,7 @@ class Linear(nn.Module, S2FTLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self.sync_positions()
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
+        weight = linear_weight(self.get_base_layer())
         for name in adapter_names:
             if name not in self.s2ft_delta:
                 continue
@@ -168,7 +169,7 @@ class Linear(nn.Module, S2FTLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
+        weight = linear_weight(self.get_base_layer())
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.s2ft_delta:

@@ -19,15 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .architectures import base_layer, weight_dim
 from .structure import Block
 
 LAYOUT_KEY = "coperm_layout."
 # set while a state dict is taken through the tuner: the base weights then stay in the current layout
 _THROUGH_TUNER: ContextVar[bool] = ContextVar("s2ft_state_dict_through_tuner", default=False)
-
-
-def base_layer(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def layout_blocker(model: nn.Module, block: Block) -> Optional[str]:
@@ -42,19 +39,24 @@ def layout_blocker(model: nn.Module, block: Block) -> Optional[str]:
 
 
 def _moved_tensors(model: nn.Module, block: Block):
-    """(owning module, attribute, axis, per_unit, dim) of every tensor the block's layout moves."""
-    for projection, path in block.projections.items():
+    """(owning module, attribute, dim, index permutation for a unit permutation) of every tensor the layout moves."""
+    for role, path in block.projections.items():
         base = base_layer(model.get_submodule(path))
-        axis = block.axis(projection)
-        if block.side(projection) == "output":
-            yield base, "weight", axis, False, 0
-            if base.bias is not None:
-                yield base, "bias", axis, False, 0
-        else:
-            yield base, "weight", axis, False, 1
+        dim = 0 if block.side(role) == "output" else 1
+
+        def permutation(unit_perm, role=role):
+            return block.index_permutation(role, unit_perm)
+
+        yield base, "weight", weight_dim(base, dim), permutation
+        if dim == 0 and base.bias is not None:
+            yield base, "bias", 0, permutation
     for tensor in block.coupled:
         owner, _, attr = tensor.path.rpartition(".")
-        yield (model.get_submodule(owner) if owner else model), attr, tensor.axis, tensor.per_unit, 0
+
+        def permutation(unit_perm, tensor=tensor):
+            return block.permutation(tensor.axis, unit_perm, tensor.per_unit)
+
+        yield (model.get_submodule(owner) if owner else model), attr, 0, permutation
 
 
 class Layout:
@@ -77,22 +79,21 @@ class Layout:
             return
         relative = torch.argsort(current)[target]
         permuted = not torch.equal(target, identity)
-        for module, attr, axis, per_unit, dim in _moved_tensors(model, block):
+        for module, attr, dim, permutation in _moved_tensors(model, block):
             tensor = getattr(module, attr)
-            index = block.permutation(axis, relative, per_unit).to(tensor.device)
-            tensor.data.copy_(tensor.data.index_select(dim, index))
-            _track(module, attr, (self, block, axis, per_unit, dim) if permuted else None)
+            tensor.data.copy_(tensor.data.index_select(dim, permutation(relative).to(tensor.device)))
+            _track(module, attr, (self, block, dim, permutation) if permuted else None)
         if permuted:
             self.orders[block.key], self.blocks[block.key] = target, block
         else:
             self.orders.pop(block.key, None)
             self.blocks.pop(block.key, None)
 
-    def positions(self, block: Block, projection: str, indices: torch.Tensor) -> torch.Tensor:
-        """Where the original rows/columns ``indices`` of ``projection`` sit in the current layout."""
+    def positions(self, block: Block, role: str, indices: torch.Tensor) -> torch.Tensor:
+        """Where the original rows/columns ``indices`` of ``role``'s projection sit in the current layout."""
         if block.key not in self.orders:
             return indices
-        inverse = torch.argsort(block.permutation(block.axis(projection), self.orders[block.key]))
+        inverse = torch.argsort(block.index_permutation(role, self.orders[block.key]))
         return inverse.to(indices.device)[indices]
 
     def state_dict_entries(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -109,13 +110,12 @@ class Layout:
             block = blocks.get(key[len(prefix + LAYOUT_KEY):])
             if block is None:
                 raise ValueError(f"S2FT state dict entry {key!r} names a block this model does not adapt.")
-            for module, attr, axis, per_unit, dim in _moved_tensors(model, block):
+            for module, attr, dim, permutation in _moved_tensors(model, block):
                 name = names[id(module)]
                 tensor_key = f"{prefix}model.{name}.{attr}" if name else f"{prefix}model.{attr}"
                 if tensor_key in state_dict:
                     value = state_dict[tensor_key]
-                    index = torch.argsort(block.permutation(axis, saved, per_unit)).to(value.device)
-                    state_dict[tensor_key] = value.index_select(dim, index)
+                    state_dict[tensor_key] = value.index_select(dim, torch.argsort(permutation(saved)).to(value.device))
 
 
 class through_tuner:
@@ -147,23 +147,20 @@ def _track(module: nn.Module, attr: str, entry: Optional[tuple]) -> None:
         del module.__dict__["_s2ft_moved"]
 
 
-def _element_index(layout, block, axis, per_unit) -> torch.Tensor:
-    return block.permutation(axis, layout.order(block), per_unit)
+def _moved_entries(module: nn.Module, state_dict: dict, prefix: str):
+    """(key, dim, current index permutation) of the module's permuted tensors present in ``state_dict``."""
+    for attr, (layout, block, dim, permutation) in module.__dict__.get("_s2ft_moved", {}).items():
+        if prefix + attr in state_dict:
+            yield prefix + attr, dim, permutation(layout.order(block)).to(state_dict[prefix + attr].device)
 
 
 def _state_dict_in_original_order(module, state_dict, prefix, _local_metadata) -> None:
     if _THROUGH_TUNER.get():
         return
-    for attr, (layout, block, axis, per_unit, dim) in module.__dict__.get("_s2ft_moved", {}).items():
-        key = prefix + attr
-        if key in state_dict:
-            index = torch.argsort(_element_index(layout, block, axis, per_unit)).to(state_dict[key].device)
-            state_dict[key] = state_dict[key].detach().index_select(dim, index)
+    for key, dim, index in _moved_entries(module, state_dict, prefix):
+        state_dict[key] = state_dict[key].detach().index_select(dim, torch.argsort(index))
 
 
 def _load_from_original_order(module, state_dict, prefix, *_args) -> None:
-    for attr, (layout, block, axis, per_unit, dim) in module.__dict__.get("_s2ft_moved", {}).items():
-        key = prefix + attr
-        if key in state_dict:
-            index = _element_index(layout, block, axis, per_unit).to(state_dict[key].device)
-            state_dict[key] = state_dict[key].index_select(dim, index)
+    for key, dim, index in _moved_entries(module, state_dict, prefix):
+        state_dict[key] = state_dict[key].index_select(dim, index)

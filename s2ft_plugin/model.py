@@ -11,16 +11,11 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from .bnb import bnb_layer_class
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
-from .layout import Layout, base_layer, layout_blocker, through_tuner
+from .architectures import base_layer, default_target_modules, is_conv1d
+from .layout import Layout, layout_blocker, through_tuner
 from .selection import random_scores, select_units
-from .structure import PROJECTIONS, Block, check_projection, find_block, projection_name
+from .structure import ROLES, Block, find_block, projection_role, text_config
 from .transactions import loading, note_created
-
-# Llama-family blocks: o_proj and down_proj adapt their inputs, so partial backprop keeps only selected activations.
-TARGET_MODULES = {
-    model_type: ["o_proj", "down_proj"]
-    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-}
 
 
 class S2FTModel(BaseTuner):
@@ -35,7 +30,6 @@ class S2FTModel(BaseTuner):
 
     prefix: str = "s2ft_"
     tuner_layer_cls = S2FTLayer
-    target_module_mapping = TARGET_MODULES
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self.s2ft_layout = Layout()
@@ -73,11 +67,10 @@ class S2FTModel(BaseTuner):
         for key, module in model.named_modules():
             if not key or key.startswith(layer_paths) or not check_target_module_exists(config, key):
                 continue
-            check_projection(key)
             block = self._block(model, key)
             base = base_layer(module)
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"S2FT supports torch.nn.Linear projections; '{key}' is a {type(base).__name__}.")
+            if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+                raise TypeError(f"S2FT supports linear projections; '{key}' is a {type(base).__name__}.")
             config.unit_count(block.kind, block.num_units)
             blocker = layout_blocker(model, block) if owns_layout and config.permute and not loading() else None
             if blocker is not None:
@@ -86,8 +79,13 @@ class S2FTModel(BaseTuner):
                     "permute unset to co-permute only the blocks that allow it, or set permute=False."
                 )
 
+    def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(default_target_modules(text_config(self.model)))
+        return peft_config
+
     def _block(self, model: nn.Module, key: str) -> Block:
-        cache_key = f"{key.rsplit('.', 1)[0]}:{PROJECTIONS[projection_name(key)][0]}"
+        cache_key = f"{key.rsplit('.', 1)[0]}:{ROLES[projection_role(model, key)][0]}"
         if cache_key not in self._blocks:
             self._blocks[cache_key] = find_block(model, key)
         return self._blocks[cache_key]
@@ -99,16 +97,16 @@ class S2FTModel(BaseTuner):
             self._pending_units[block.key] = select_units(
                 block, count, random_scores(block, config.seed), config.selection_order
             )
-        projection = projection_name(current_key)
-        indices = block.elements(projection, self._pending_units[block.key])
+        role = block.role(current_key)
+        indices = block.elements(role, self._pending_units[block.key])
         if isinstance(target, S2FTLayer):
             target.update_layer(adapter_name, indices, config.init_weights, inference_mode=config.inference_mode)
             return
         layer_cls = bnb_layer_class(target) or Linear
-        new_module = layer_cls(target, adapter_name, side=block.side(projection), unit_size=block.unit_size,
+        new_module = layer_cls(target, adapter_name, side=block.side(role), unit_size=block.unit_size,
                                indices=indices, init_weights=config.init_weights)
         # how the layer maps indices to positions on its own (not a submodule, not saved)
-        object.__setattr__(new_module, "_s2ft_place", (self.s2ft_layout, block, projection))
+        object.__setattr__(new_module, "_s2ft_place", (self.s2ft_layout, block, role))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -126,9 +124,10 @@ class S2FTModel(BaseTuner):
         for path, block, layer in self.s2ft_layers():
             if adapter_name not in layer.s2ft_indices:
                 continue
-            found = block.units_from_elements(projection_name(path), layer.s2ft_indices[adapter_name].cpu())
+            role = block.role(path)
+            found = block.units_from_elements(role, layer.s2ft_indices[adapter_name].cpu())
             # key/value rows name whole groups; a query-axis projection of the same block names the exact heads
-            if block.key not in units or block.axis(projection_name(path)) != "key_value":
+            if block.key not in units or ROLES[role][2] != "key_value":
                 units[block.key] = found
         return units
 
@@ -141,7 +140,7 @@ class S2FTModel(BaseTuner):
                     self.s2ft_layout.move(self.model, block, block.contiguous_order(units))
         for path, block, layer in self.s2ft_layers():
             for adapter_name, indices in layer.s2ft_indices.items():
-                layer.set_positions(adapter_name, self.s2ft_layout.positions(block, projection_name(path), indices))
+                layer.set_positions(adapter_name, self.s2ft_layout.positions(block, block.role(path), indices))
 
     @contextlib.contextmanager
     def original_layout(self):

@@ -23,7 +23,30 @@ ARCHITECTURES = {
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
     "gemma": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gemma3_text": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "olmo2": dict(model_type="olmo2", num_attention_heads=4, num_key_value_heads=2),
+    "granite": dict(model_type="granite", num_attention_heads=4, num_key_value_heads=2),
+    "smollm3": dict(model_type="smollm3", num_attention_heads=4, num_key_value_heads=2),
     "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=4),
+    "phi": dict(model_type="phi", num_attention_heads=4, num_key_value_heads=4),
+    "starcoder2": dict(model_type="starcoder2", num_attention_heads=4, num_key_value_heads=2),
+    "opt": dict(model_type="opt", num_attention_heads=4, intermediate_key="ffn_dim", word_embed_proj_dim=None),
+    "gptj": dict(model_type="gptj", num_attention_heads=4, intermediate_key="n_inner", rotary_dim=16),
+    "gpt2": dict(model_type="gpt2", num_attention_heads=4, intermediate_key="n_inner"),
+    "gpt_neox": dict(model_type="gpt_neox", num_attention_heads=4),
+    "bloom": dict(model_type="bloom", num_attention_heads=4, intermediate_key=None),
+    "falcon": dict(model_type="falcon", num_attention_heads=4, intermediate_key="ffn_hidden_size"),  # multi-query
+    "falcon_mha": dict(model_type="falcon", num_attention_heads=4, intermediate_key="ffn_hidden_size",
+                       multi_query=False),
+    "falcon_gqa": dict(model_type="falcon", num_attention_heads=4, intermediate_key="ffn_hidden_size",
+                       new_decoder_architecture=True, num_kv_heads=2),
+    "mixtral": dict(model_type="mixtral", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128),
+    "llama4_text": dict(model_type="llama4_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=256),
 }
 
 
@@ -63,9 +86,13 @@ def build_model(
         raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}.")
     settings = dict(ARCHITECTURES[architecture])
     model_type = settings.pop("model_type")
+    intermediate_key = settings.pop("intermediate_key", "intermediate_size")  # None: fixed at 4 x hidden_size
+    if intermediate_key is not None:
+        settings[intermediate_key] = intermediate_size
+    if settings.get("word_embed_proj_dim", 0) is None:
+        settings["word_embed_proj_dim"] = hidden_size
     settings.update(
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
         vocab_size=vocab_size,
         max_position_embeddings=256,

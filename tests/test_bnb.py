@@ -10,7 +10,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from helpers import ALL_PROJECTIONS, INPUT_SIDE, dense_merge, saved_adapter  # noqa: E402
+from helpers import ALL_PROJECTIONS, dense_merge, saved_adapter, selected_grad  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
@@ -119,9 +119,7 @@ def test_forward_and_gradients_match_a_dequantized_dense_reference(checkpoint, k
     loss.backward()
     expected.backward()
     for path, (indices, _) in adapters.items():
-        weight_grad = reference.get_submodule(path).weight.grad
-        dim = 1 if path.endswith(INPUT_SIDE) else 0
-        torch.testing.assert_close(layers[path].s2ft_delta["default"].grad, weight_grad.index_select(dim, indices),
+        torch.testing.assert_close(layers[path].s2ft_delta["default"].grad, selected_grad(reference, path, indices),
                                    rtol=1e-4, atol=1e-6)
         assert layers[path].get_base_layer().weight.grad is None
 

@@ -56,26 +56,35 @@ def tiny(model_type, **overrides):
 
 
 # ---------------------------------------------------------------- co-permutation moves only complete coupled sets
-def test_incomplete_coupled_set_is_left_in_place_or_refused(token_batch):
-    """OPT's attention output is out_proj, which S2FT does not couple with q/k/v: its usual LoRA targets must not
-    co-permute q/k/v alone."""
-    def opt():
-        return tiny("opt", ffn_dim=128, word_embed_proj_dim=64)
+def unknown_output_projection():
+    """A Llama whose attention output projection has a name S2FT does not know (as in families it does not list)."""
+    model = tiny("llama")
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        output = attention._modules.pop("o_proj")
+        attention.add_module("attn_out", output)
+        attention.__dict__["o_proj"] = output  # the forward still finds it
+    return model
 
-    base = logits(opt(), token_batch)
-    model = get_peft_model(opt(), S2FTConfig(target_modules=["q_proj", "v_proj"], num_heads=1))
+
+def test_incomplete_coupled_set_is_left_in_place_or_refused(token_batch):
+    """q/k/v without the output projection they couple with must not be co-permuted alone."""
+    base = logits(unknown_output_projection(), token_batch)
+    targets = ["q_proj", "v_proj"]
+    model = get_peft_model(unknown_output_projection(), S2FTConfig(target_modules=targets, num_heads=1, seed=1))
     assert not model.base_model.s2ft_layout.orders
     torch.testing.assert_close(logits(model, token_batch), base, rtol=0, atol=0)
 
-    trained = get_peft_model(opt(), S2FTConfig(target_modules=["q_proj", "v_proj"], num_heads=1, init_weights=False))
+    trained = get_peft_model(unknown_output_projection(),
+                             S2FTConfig(target_modules=targets, num_heads=1, seed=1, init_weights=False))
     adapted = logits(trained, token_batch)
     assert (adapted - base).abs().max() > 1e-3
     torch.testing.assert_close(logits(trained.merge_and_unload(), token_batch), adapted, atol=1e-5, rtol=1e-5)
 
-    untouched = opt()
+    untouched = unknown_output_projection()
     before = snapshot(untouched)
-    with pytest.raises(ValueError, match=r"permute=True: block .*self_attn' has no o_proj"):
-        get_peft_model(untouched, S2FTConfig(target_modules=["q_proj", "v_proj"], num_heads=1, permute=True))
+    with pytest.raises(ValueError, match=r"permute=True: block 'model.layers.0.self_attn' has only q_proj, k_proj, v_proj"):
+        get_peft_model(untouched, S2FTConfig(target_modules=targets, num_heads=1, seed=1, permute=True))
     assert_untouched(untouched, before)
 
 

@@ -33,8 +33,8 @@ def test_config_values_are_checked(options, message):
         ("llama", dict(target_modules=["not_a_module"]), "not_a_module"),
         ("llama", dict(target_modules=["lm_head"]), "cannot target 'lm_head'"),
         ("llama", dict(num_heads=5), "only 4"),
-        ("phi3", dict(permute=True), "fused projection 'model.layers.0.self_attn.qkv_proj'"),
-        ("phi3", dict(target_modules=["qkv_proj"], permute=False), "cannot target the fused projection"),
+        ("bloom", dict(permute=True), "cannot reorder its heads: its ALiBi position biases follow the head order"),
+        ("gpt2", dict(target_modules=["ln_1"]), "cannot target 'transformer.h.0.ln_1'"),
     ],
 )
 def test_unfit_targets_are_refused_before_the_model_changes(architecture, options, message):
@@ -46,8 +46,10 @@ def test_unfit_targets_are_refused_before_the_model_changes(architecture, option
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
 
 
-def test_fused_model_trains_unfused_projections_without_permutation(token_batch):
-    model = get_peft_model(build_model("phi3"), S2FTConfig(task_type="CAUSAL_LM", permute=False, init_weights=False))
+def test_fused_model_trains_without_permutation(token_batch):
+    model = get_peft_model(build_model("phi3"), S2FTConfig(task_type="CAUSAL_LM", permute=False, init_weights=False,
+                                                           target_modules=["qkv_proj", "o_proj", "gate_up_proj"]))
+    assert not model.base_model.s2ft_layout.orders
     adapted = model(token_batch).logits
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged(token_batch).logits, adapted, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ALL_PROJECTIONS, INPUT_SIDE, dense_merge, reference_model, saved_adapter
+from helpers import ALL_PROJECTIONS, dense_merge, reference_model, saved_adapter, selected_grad
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -70,8 +70,7 @@ def test_delta_gradients_equal_full_fine_tuning_gradients(architecture, token_ba
     for path, (indices, _) in adapters.items():
         layer = model.get_base_model().get_submodule(path)
         assert layer.get_base_layer().weight.grad is None
-        full_grad = dense.get_submodule(path).weight.grad
-        expected = full_grad[:, indices] if path.endswith(INPUT_SIDE) else full_grad[indices, :]
+        expected = selected_grad(dense, path, indices)
         torch.testing.assert_close(layer.s2ft_delta["default"].grad, expected, atol=1e-5, rtol=1e-4)
 
 

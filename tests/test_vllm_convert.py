@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from vllm_support import ADAPTERS, build_checkpoints
 
-from s2ft_plugin.structure import PROJECTIONS
+from s2ft_plugin.architectures import LLAMA_NAMES
+from s2ft_plugin.structure import ROLES
 from vllm_ext.adapter import SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
 
@@ -26,7 +27,7 @@ def test_tables_match_their_sources():
     from vllm.config.lora import MaxLoRARanks
 
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
-    assert SIDES == {name: side for name, (_, side, _) in PROJECTIONS.items()}
+    assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

@@ -52,11 +52,14 @@ class InputSideDelta(torch.autograd.Function):
         base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         selected = _gather(x2d, positions, start).to(base_out.dtype)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t())
+        # a new tensor, not a view: callers may update the output in place (Llama 4's MoE adds into its shared expert's)
+        out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
+        torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t(),
+                    out=out.view(-1, out.shape[-1]))
         selected = selected.contiguous() if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(selected, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
-        return out.view(base_out.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -85,12 +88,12 @@ class OutputSideDelta(torch.autograd.Function):
         base_out = _base_forward(ctx, x, weight, bias, base_out)
         x2d = x.reshape(-1, x.shape[-1])
         update = x2d.to(base_out.dtype) @ delta.to(base_out.dtype).t()
-        out = base_out.reshape(-1, base_out.shape[-1])
-        out = out if ctx.fused else out.clone()  # a base output computed here is ours to update in place
-        _scatter(out, positions, start, update)
+        # a base output computed here is ours to update in place; the output is never a view (see InputSideDelta)
+        out = base_out if ctx.fused else base_out.clone(memory_format=torch.contiguous_format)
+        _scatter(out.view(-1, out.shape[-1]), positions, start, update)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
-        return out.view(base_out.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -68,10 +68,19 @@ class ExpertsLayout:
 
     def gate_up_rows(self, channels: torch.Tensor) -> torch.Tensor:
         """(E, 2k) rows of the channels' gate and up parts, in the order the experts' gate function reads them."""
-        gate, up = self.rows(channels, "gate_proj"), self.rows(channels, "up_proj")
+        return self.pair(self.rows(channels, "gate_proj"), self.rows(channels, "up_proj"), dim=1)
+
+    def pair(self, gate: torch.Tensor, up: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Gate and up entries of the same channels (along ``dim``) in the order the gate function reads them."""
         if self.interleaved:
-            return torch.stack((gate, up), dim=2).flatten(1)
-        return torch.cat((gate, up), dim=1)
+            return torch.stack((gate, up), dim=dim + 1).flatten(dim, dim + 1)
+        return torch.cat((gate, up), dim=dim)
+
+    def unpair(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`pair` along dim 0."""
+        if self.interleaved:
+            return rows[0::2], rows[1::2]
+        return rows.chunk(2)
 
 
 def base_experts(module: nn.Module) -> nn.Module:
@@ -199,6 +208,13 @@ class _Channels:
             return weight.index_select(0, self.channels[expert]).t()
         return weight.index_select(1, self.channels[expert])
 
+    def row_delta(self, gate: Optional[torch.Tensor], up: Optional[torch.Tensor], expert: int, dtype) -> torch.Tensor:
+        """(2k, H) gate and up deltas of the expert's channels in the gate function's order (zeros for one not
+        adapted); built per expert and step, so only the delta parameters themselves are kept for backward."""
+        gate, up = (None if delta is None else delta[expert].to(dtype) for delta in (gate, up))
+        gate = gate if gate is not None else torch.zeros_like(up)
+        return self.layout.pair(gate, up if up is not None else torch.zeros_like(gate))
+
     def pre_activation(self, x: torch.Tensor, expert: int, out: torch.Tensor) -> torch.Tensor:
         torch.mm(x, self.gate_up(expert).to(x.dtype).t(), out=out)
         bias = self.bias(expert)
@@ -216,17 +232,18 @@ def _gate_and_vjp(gate: Callable, z: torch.Tensor):
 class ExpertChannelDelta(torch.autograd.Function):
     """The change of the experts' output from deltas on each expert's channels (see the module docstring).
 
-    ``down_delta`` is (E, H, k) over the channels' down_proj columns, ``gate_up_delta`` (E, 2k, H) over their gate and
-    up rows in the gate function's order; either may be None. Saves the channels' pre-activations (P x 2k, twice when
-    gate/up rows are adapted) and, only for the gate/up rows' gradient, the input.
+    ``down_delta`` is (E, H, k) over the channels' down_proj columns, ``gate_delta`` and ``up_delta`` (E, k, H) over
+    their gate and up rows; any may be None. Saves the channels' pre-activations (P x 2k, twice when gate/up rows are
+    adapted) and, only for the gate/up rows' gradient, the input.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, down_delta, gate_up_delta, frozen: _Channels, rows, counts):
+    def forward(ctx, x, weights, down_delta, gate_delta, up_delta, frozen: _Channels, rows, counts):
+        rows_adapted = gate_delta is not None or up_delta is not None
         pairs, width = rows.numel(), frozen.rows.shape[1]
         out = torch.zeros_like(x)
         z_all = x.new_empty(pairs, width)
-        z2_all = x.new_empty(pairs, width) if gate_up_delta is not None else None
+        z2_all = x.new_empty(pairs, width) if rows_adapted else None
         start = 0
         for expert, count in enumerate(counts):
             if not count:
@@ -237,8 +254,8 @@ class ExpertChannelDelta(torch.autograd.Function):
             z = frozen.pre_activation(xe, expert, z_all[span])
             h = frozen.gate(z)
             correction = None
-            if gate_up_delta is not None:
-                z2 = torch.addmm(z, xe, gate_up_delta[expert].to(x.dtype).t(), out=z2_all[span])
+            if rows_adapted:
+                z2 = torch.addmm(z, xe, frozen.row_delta(gate_delta, up_delta, expert, x.dtype).t(), out=z2_all[span])
                 h2 = frozen.gate(z2)
                 correction = (h2 - h) @ frozen.down(expert).to(x.dtype).t()
                 h = h2
@@ -249,21 +266,24 @@ class ExpertChannelDelta(torch.autograd.Function):
                 correction = correction * weights[span, None].to(x.dtype)
             out.index_add_(0, rows[span], correction)
         ctx.frozen, ctx.counts = frozen, counts
+        keep_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(
-            x if ctx.needs_input_grad[3] else None, weights, down_delta, gate_up_delta, rows, z_all, z2_all
+            x if keep_x else None, weights, down_delta, gate_delta, up_delta, rows, z_all, z2_all
         )
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weights, down_delta, gate_up_delta, rows, z_all, z2_all = ctx.saved_tensors
+        x, weights, down_delta, gate_delta, up_delta, rows, z_all, z2_all = ctx.saved_tensors
         frozen, dtype = ctx.frozen, grad_out.dtype
-        need_x, need_w, need_down, need_gate_up = ctx.needs_input_grad[:4]
+        need_x, need_w, need_down, need_gate, need_up = ctx.needs_input_grad[:5]
         grad_x = torch.zeros_like(grad_out) if need_x else None
         grad_w = torch.zeros_like(weights) if need_w else None
-        grad_down = torch.zeros_like(down_delta) if need_down else None
-        grad_gate_up = torch.zeros_like(gate_up_delta) if need_gate_up else None
+        grad_down, grad_gate, grad_up = (
+            torch.zeros_like(delta) if need else None
+            for delta, need in ((down_delta, need_down), (gate_delta, need_gate), (up_delta, need_up))
+        )
         start = 0
         for expert, count in enumerate(ctx.counts):
             if not count:
@@ -273,7 +293,7 @@ class ExpertChannelDelta(torch.autograd.Function):
             grad = grad_out.index_select(0, rows[span])
             scale = weights[span, None].to(dtype) if weights is not None else None
             h, h_vjp = _gate_and_vjp(frozen.gate, z_all[span])
-            if gate_up_delta is not None:
+            if z2_all is not None:
                 h2, h2_vjp = _gate_and_vjp(frozen.gate, z2_all[span])
                 down = frozen.down(expert).to(dtype)
                 down2 = down + down_delta[expert].to(dtype) if down_delta is not None else down
@@ -282,12 +302,15 @@ class ExpertChannelDelta(torch.autograd.Function):
                     grad_w[span] = ((along2 * h2).sum(1) - (along * h).sum(1)).to(grad_w.dtype)
                 dz = h_vjp(-along if scale is None else -along * scale)
                 dz2 = h2_vjp(along2 if scale is None else along2 * scale)
-                if need_gate_up:
-                    xe = x.index_select(0, rows[span])
-                    grad_gate_up[expert] = (dz2.t() @ xe).to(grad_gate_up.dtype)
+                if need_gate or need_up:
+                    gate_rows, up_rows = frozen.layout.unpair(dz2.t() @ x.index_select(0, rows[span]))
+                    if need_gate:
+                        grad_gate[expert] = gate_rows.to(grad_gate.dtype)
+                    if need_up:
+                        grad_up[expert] = up_rows.to(grad_up.dtype)
                 if need_x:
                     dx = (dz + dz2) @ frozen.gate_up(expert).to(dtype)
-                    dx.addmm_(dz2, gate_up_delta[expert].to(dtype))
+                    dx.addmm_(dz2, frozen.row_delta(gate_delta, up_delta, expert, dtype))
             else:
                 h2 = h
                 along = grad @ down_delta[expert].to(dtype)
@@ -300,7 +323,7 @@ class ExpertChannelDelta(torch.autograd.Function):
                 grad_down[expert] = (weighted.t() @ h2).to(grad_down.dtype)
             if need_x:
                 grad_x.index_add_(0, rows[span], dx)
-        return grad_x, grad_w, grad_down, grad_gate_up, None, None, None
+        return grad_x, grad_w, grad_down, grad_gate, grad_up, None, None, None
 
 
 class ChannelStatistics:
@@ -541,9 +564,9 @@ class Experts(nn.Module, S2FTLayer):
         x2d = x.reshape(-1, self.layout.hidden)
         for name in active:
             frozen = _Channels(self.get_base_layer(), self.layout, self.s2ft_indices[name], self._gate())
+            down, gate, up = (getattr(self, DELTAS[part]).get(name) for part in PARTS)
             correction = ExpertChannelDelta.apply(
-                x2d, routing.weights, self.s2ft_down_delta[name] if name in self.s2ft_down_delta else None,
-                self._gate_up_delta(name), frozen, routing.rows, routing.counts,
+                x2d, routing.weights, down, gate, up, frozen, routing.rows, routing.counts
             )
             result = result + correction.view_as(result).to(result.dtype)
         return result
@@ -553,18 +576,6 @@ class Experts(nn.Module, S2FTLayer):
         if self.layout.routed:
             return experts._apply_gate
         return lambda z: experts.act_fn(z[..., : z.shape[-1] // 2]) * z[..., z.shape[-1] // 2:]
-
-    def _gate_up_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """(E, 2k, H) deltas of the channels' gate and up rows in the gate function's order (zeros for a part that is
-        not adapted), or None when neither is."""
-        gate, up = (getattr(self, DELTAS[part]).get(adapter_name) for part in ("gate_proj", "up_proj"))
-        if gate is None and up is None:
-            return None
-        gate = gate if gate is not None else torch.zeros_like(up)
-        up = up if up is not None else torch.zeros_like(gate)
-        if self.layout.interleaved:
-            return torch.stack((gate, up), dim=2).flatten(1, 2)
-        return torch.cat((gate, up), dim=1)
 
     def _routing(self, x: torch.Tensor, args, kwargs) -> _Routing:
         experts = self.layout.num_experts

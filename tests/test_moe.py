@@ -202,11 +202,12 @@ def test_gradients_equal_dense_masked_reference(arch, targets, ids, tmp_path):
     assert checked == len(experts_paths(tuner)) * len(parts) > 0
 
 
-def test_backward_keeps_only_the_selected_channels():
-    """Partial backprop: over the frozen model, S2FT on the experts' down_proj keeps the selected channels'
-    pre-activations (2k per routed token) plus the routing of each pair, never an (tokens x I) activation."""
+@pytest.mark.parametrize("targets", [["down_proj"], ["down_proj", "gate_up_proj"]])
+def test_backward_keeps_only_the_selected_channels(targets):
+    """Partial backprop: over the frozen model, S2FT on the experts keeps the selected channels' pre-activations
+    (2k per routed token, twice when gate/up rows train, which also keep the experts' input) and each pair's routing,
+    never a (tokens x I) activation."""
     ids = torch.randint(3, 384, (4, 64), generator=torch.Generator().manual_seed(1))
-    channels = 96
 
     def saved_bytes(model):
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -223,14 +224,16 @@ def test_backward_keeps_only_the_selected_channels():
         loss.backward()
         return sum(saved.values())
 
-    floor = build("mixtral", intermediate_size=channels).requires_grad_(False)
-    config = S2FTConfig(task_type="CAUSAL_LM", target_modules=["down_proj"], num_channels=4)
-    model = get_peft_model(build("mixtral", intermediate_size=channels), config)
+    floor = build("mixtral").requires_grad_(False)
+    model = get_peft_model(build("mixtral"), S2FTConfig(task_type="CAUSAL_LM", target_modules=targets, num_channels=4))
     extra = saved_bytes(model) - saved_bytes(floor)
-    pairs, layers = ids.numel() * 2, 2
-    per_pair = 2 * 4 * 4 + 8 + 8 + 4  # pre-activations (2k fp32), its row, the routing sort order, its weight
-    assert 0 < extra <= layers * pairs * per_pair
-    assert extra < layers * pairs * channels * 4 / 4  # a quarter of one full intermediate activation
+    tokens, layers, hidden, channels, k = ids.numel(), 2, 64, 96, 4
+    pairs, copies = 2 * tokens, len(targets)
+    # pre-activations (2k fp32 per copy), and per pair its row, its place in the routing sort and its weight
+    limit = layers * (pairs * (copies * 2 * k * 4 + 8 + 8 + 4) + (copies - 1) * tokens * hidden * 4)
+    assert 0 < extra <= limit
+    if copies == 1:
+        assert extra < layers * pairs * channels * 4 / 4  # a quarter of one full intermediate activation
 
 
 def test_several_active_adapters(ids):

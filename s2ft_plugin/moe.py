@@ -102,6 +102,11 @@ def experts_layout(module: nn.Module, path: str) -> ExpertsLayout:
         raise ValueError(
             f"S2FT cannot adapt the experts {name}: they have no fused 3-D gate_up_proj (S2FT adapts gated experts)."
         )
+    plain = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if gate_up.dtype not in plain or down.dtype not in plain:
+        raise ValueError(
+            f"S2FT cannot adapt the experts {name}: their weights are quantized ({gate_up.dtype}, {down.dtype})."
+        )
     (experts, a, b), (_, c, d) = gate_up.shape, down.shape
     if down.shape[0] != experts:
         raise ValueError(f"S2FT cannot adapt the experts {name}: gate_up_proj and down_proj hold different experts.")

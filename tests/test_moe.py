@@ -336,6 +336,10 @@ def test_unsupported_experts_are_refused_by_name():
 
     with pytest.raises(ValueError, match=r"'layers\.0\.experts' \(NonGated\).*gate_up_proj"):
         experts_layout(NonGated(), "layers.0.experts")
+    quantized = build("mixtral").model.layers[0].mlp.experts
+    quantized.gate_up_proj.data = quantized.gate_up_proj.data.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="quantized"):
+        experts_layout(quantized, "model.layers.0.mlp.experts")
     model = build("mixtral")
     with pytest.raises(ValueError, match="channels per block but the model has only 96"):
         get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", num_channels=97))

@@ -164,6 +164,11 @@ def check_experts_target(config, key: str, module: nn.Module) -> None:
     """Refuse experts S2FT cannot adapt under ``config`` before any module changes."""
     layout = experts_layout(module, key)
     config.unit_count("channels", layout.channels)
+    if not targeted_parts(config, key, module):  # the experts module itself was named
+        raise ValueError(
+            f"S2FT adapts parts of the experts '{key}': name them in target_modules ({', '.join(EXPERT_TARGETS)}), "
+            "e.g. 'experts.down_proj'."
+        )
 
 
 def add_experts_adapter(config, adapter_name: str, target: nn.Module, key: str) -> Optional["Experts"]:

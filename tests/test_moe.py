@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
+from s2ft_plugin import S2FTConfig, S2FTLayer, initialize_s2ft_selection
 from s2ft_plugin.moe import Experts, experts_layout
 from s2ft_plugin.tiny import build_model
 
@@ -171,7 +171,7 @@ def test_gradients_equal_dense_masked_reference(arch, targets, ids, tmp_path):
     config = S2FTConfig(task_type="CAUSAL_LM", target_modules=targets, channel_ratio=0.1, init_weights=False)
     model = get_peft_model(build(arch), config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.mul_(0.05)  # deltas of the weights' scale
     model.save_pretrained(tmp_path)
@@ -343,4 +343,19 @@ def test_unsupported_experts_are_refused_by_name():
     model = build("mixtral")
     with pytest.raises(ValueError, match="channels per block but the model has only 96"):
         get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", num_channels=97))
-    assert not any(isinstance(m, Experts) for m in model.modules())
+    with pytest.raises(ValueError, match=r"parts of the experts 'model\.layers\.0\.mlp\.experts'.*down_proj"):
+        get_peft_model(model, S2FTConfig(task_type="CAUSAL_LM", target_modules=["o_proj", "experts"]))
+    assert not any(isinstance(m, S2FTLayer) for m in model.modules())
+
+
+def test_expert_targets_match_like_module_names():
+    def adapted(**config):
+        model = get_peft_model(build("qwen3_moe"), S2FTConfig(task_type="CAUSAL_LM", **config))
+        layers = {path: m for path, m in model.base_model.model.named_modules() if isinstance(m, Experts)}
+        return {path.split(".")[2]: m.parts("default") for path, m in layers.items()}
+
+    assert adapted(target_modules=["up_proj"]) == {"0": ("up_proj",), "1": ("up_proj",)}
+    assert adapted(target_modules=r".*\.1\.mlp\.experts\.(down|gate)_proj") == {"1": ("down_proj", "gate_proj")}
+    assert adapted(target_modules=["o_proj", "down_proj"], exclude_modules=["model.layers.0.mlp.experts"]) == {
+        "1": ("down_proj",)
+    }

@@ -283,18 +283,22 @@ def test_load_refuses_broken_expert_tensors(ids, tmp_path):
 
 
 def routed_activations(model, batches):
-    """{experts path: (E, I) sums of |h| and of |dL/dW_down| per column}, from an eager per-expert re-computation."""
-    act, grad = {}, {}
+    """{experts path: (E, I) sums of |h|, of h² and of |dL/dW_down| per column}, from an eager per-expert
+    re-computation."""
+    act, square, grad = {}, {}, {}
     for path in experts_paths(model):
         experts = model.get_submodule(path)
         act[path] = torch.zeros(experts.down_proj.shape[0], experts.down_proj.shape[2], dtype=torch.float64)
+        square[path] = torch.zeros_like(act[path])
 
         def hook(module, args, path=path):
             hidden, index, weights = args
             for e in range(module.down_proj.shape[0]):
                 tokens = (index == e).any(-1)
                 gate, up = (hidden[tokens] @ module.gate_up_proj[e].t()).chunk(2, dim=-1)
-                act[path][e] += (module.act_fn(gate) * up).abs().sum(0).double().detach()
+                h = (module.act_fn(gate) * up).double().detach()
+                act[path][e] += h.abs().sum(0)
+                square[path][e] += h.square().sum(0)
 
         experts.register_forward_pre_hook(hook)
         experts.down_proj.requires_grad_(True)
@@ -304,24 +308,23 @@ def routed_activations(model, batches):
             down = model.get_submodule(path).down_proj
             grad[path] = grad.get(path, 0) + down.grad.abs().sum(1).double()
             down.grad = None
-    return act, grad
+    return act, square, grad
 
 
-@pytest.mark.parametrize("selection", ["weight", "activation", "gradient"])
+@pytest.mark.parametrize("selection", ["weight", "activation", "weight_activation", "gradient"])
 def test_score_based_selection_per_expert(selection):
     batches = [torch.randint(3, 384, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     reference = build("mixtral")
-    act, grad = routed_activations(reference, batches)
+    act, square, grad = routed_activations(reference, batches)
     model = get_peft_model(build("mixtral"), S2FTConfig(task_type="CAUSAL_LM", selection=selection, num_channels=6))
     with pytest.raises(RuntimeError, match="initialize_s2ft_selection"):
         model.train()
         model(input_ids=batches[0], labels=batches[0])
     initialize_s2ft_selection(model, [{"input_ids": b} for b in batches], show_progress_bar=False)
     for path in experts_paths(reference):
-        if selection == "weight":
-            scores = reference.get_submodule(path).down_proj.detach().abs().sum(1)
-        else:
-            scores = (act if selection == "activation" else grad)[path]
+        weight = reference.get_submodule(path).down_proj.detach().abs().sum(1)  # |W| per channel (column)
+        scores = {"weight": weight, "activation": act[path], "weight_activation": weight * square[path].sqrt(),
+                  "gradient": grad[path]}[selection]
         chosen = model.base_model.model.get_submodule(path).s2ft_indices["default"]
         want = torch.sort(torch.topk(scores.float(), 6, dim=1).indices, dim=1).values
         assert torch.equal(chosen, want), path

@@ -1,6 +1,10 @@
-"""Pieces the training benchmarks share: equal-parameter LoRA sizing, one optimizer step, saved-activation bytes."""
+"""Pieces the training benchmarks share: equal-parameter LoRA sizing, one optimizer step, round-robin timing,
+saved-activation bytes and peak memory."""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 
@@ -52,3 +56,42 @@ def saved_activation_bytes(model, batch) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(saved.values())
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_step_times(models: dict, optimizers: dict, batch, device: str, warmup: int, steps: int) -> dict:
+    """Median step time per method, one step of each method per round, each round in a rotated order, so drift of
+    the machine hits every method alike."""
+    methods = list(models)
+    times = {method: [] for method in methods}
+    for round_index in range(warmup + steps):
+        for method in methods[round_index % len(methods):] + methods[:round_index % len(methods)]:
+            synchronize(device)
+            start = time.perf_counter()
+            step(models[method], optimizers[method], batch)
+            synchronize(device)
+            if round_index >= warmup:
+                times[method].append(time.perf_counter() - start)
+    return {method: statistics.median(values) for method, values in times.items()}
+
+
+def peak_bytes(model, optimizer, batch, device: str) -> int:
+    """CUDA: torch.cuda.max_memory_allocated over a step. CPU: weights + gradients + AdamW state + the activations
+    autograd saves for backward."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        step(model, optimizer, batch)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in trainable(model))
+    optimizer_state = 2 * sum(p.numel() * 4 for p in trainable(model)) if optimizer is not None else 0
+    return weights + grads + optimizer_state + saved_activation_bytes(model, batch)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import LORA_TARGETS, equal_parameter_rank, saved_activation_bytes, step
+from common import LORA_TARGETS, equal_parameter_rank, median_step_times, peak_bytes, trainable
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
@@ -73,50 +71,15 @@ def build(method: str, args):
     return model
 
 
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def cpu_peak_bytes(model, optimizer, batch) -> int:
-    """Weights + gradients + optimizer state + activations saved for backward."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable(model))
-    optimizer_state = 2 * sum(p.numel() * 4 for p in trainable(model)) if optimizer is not None else 0
-    return weights + grads + optimizer_state + saved_activation_bytes(model, batch)
-
-
-def cuda_peak_bytes(model, optimizer, batch) -> int:
-    torch.cuda.reset_peak_memory_stats()
-    step(model, optimizer, batch)
-    synchronize("cuda")
-    return torch.cuda.max_memory_allocated()
-
-
 def main():
     args = parse_args()
     torch.manual_seed(0)
     batch = torch.randint(3, args.vocab, (args.batch, args.seq), device=args.device)
     models = {method: build(method, args) for method in METHODS}
     optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None) for m, model in models.items()}
-    times = {method: [] for method in METHODS}
-    for round_index in range(args.warmup + args.steps):
-        # interleaved, and each round in a rotated order, so drift of the machine hits every method alike
-        for method in METHODS[round_index % len(METHODS):] + METHODS[:round_index % len(METHODS)]:
-            synchronize(args.device)
-            start = time.perf_counter()
-            step(models[method], optimizers[method], batch)
-            synchronize(args.device)
-            if round_index >= args.warmup:
-                times[method].append(time.perf_counter() - start)
-    peak = cuda_peak_bytes if args.device.startswith("cuda") else cpu_peak_bytes
-    memory = {method: peak(models[method], optimizers[method], batch) for method in METHODS}
+    median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
+    memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}
 
-    median = {method: statistics.median(values) for method, values in times.items()}
     if args.device.startswith("cuda"):
         where = torch.cuda.get_device_name()
     else:

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import base_layer, linear_shape, linear_weight
+from .moe import ChannelStatistics, Experts, select_channels
 from .selection import select_units
 from .structure import SCORING_ROLE, Block
 
@@ -27,8 +28,9 @@ def initialize_s2ft_selection(
 ) -> None:
     """Select the units of ``adapter_name`` by its config's score-based strategy, from calibration batches.
 
-    Scores come from the input side of each block (o_proj columns of a head, the down_proj column of a channel) of the
-    base model with adapters disabled, in the original coordinates. ``forward_fn(model, batch)`` returns the loss
+    Scores come from the input side of each block (o_proj columns of a head, the down_proj column of a channel; each
+    expert's own down_proj columns in MoE blocks) of the base model with adapters disabled, in the original
+    coordinates. ``forward_fn(model, batch)`` returns the loss
     (used by the gradient strategy); the default feeds a dict batch with ``labels = input_ids``.
     """
     tuner = model.base_model
@@ -41,9 +43,14 @@ def initialize_s2ft_selection(
     for _, block, layer in tuner.s2ft_layers():
         if adapter_name in layer.s2ft_indices:
             blocks[block.key] = block
+    experts = {
+        path: ChannelStatistics(layer, config.selection)
+        for path, layer in tuner.model.named_modules()
+        if isinstance(layer, Experts) and adapter_name in layer.s2ft_indices
+    }
     with tuner.original_layout():  # score in the original coordinates
         column_scores = _column_scores(
-            model, tuner, blocks, config.selection, dataloader, forward_fn, show_progress_bar
+            model, tuner, blocks, experts, config.selection, dataloader, forward_fn, show_progress_bar
         )
         for path, block, layer in tuner.s2ft_layers():
             if adapter_name in layer.s2ft_indices:
@@ -51,11 +58,17 @@ def initialize_s2ft_selection(
                 count = config.unit_count(block.kind, block.num_units)
                 units = select_units(block, count, unit_scores, config.selection_order)
                 layer.s2ft_indices[adapter_name].copy_(block.elements(block.role(path), units))
+    for statistics in experts.values():
+        layout = statistics.layer.layout
+        channels = select_channels(
+            config.unit_count("channels", layout.channels), statistics.scores(), config.selection_order
+        )
+        statistics.layer.s2ft_indices[adapter_name].copy_(channels)
     tuner.s2ft_uncalibrated.discard(adapter_name)
 
 
-def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show_progress_bar):
-    """Per input column of each block's scoring projection."""
+def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward_fn, show_progress_bar):
+    """Per input column of each block's scoring projection; the experts' statistics gather in the same pass."""
     modules = {}
     for key, block in blocks.items():
         role = SCORING_ROLE[block.kind]
@@ -82,6 +95,7 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
         sums[key] += (grad.reshape(-1, grad.shape[-1]).float().t() @ x).abs().sum(0).double().cpu()
 
     handles = [module.register_forward_hook(make_hook(key)) for key, module in modules.items()]
+    handles += [stats.layer.register_forward_hook(stats.hook, with_kwargs=True) for stats in experts.values()]
     embeddings = tuner.model.get_input_embeddings()
     if selection == "gradient":  # frozen weights: let the loss reach the blocks through the embeddings' output
         handles.append(embeddings.register_forward_hook(lambda _m, _i, output: output.requires_grad_(True)))

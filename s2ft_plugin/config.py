@@ -24,11 +24,13 @@ class S2FTConfig(PeftConfig):
 
     Args:
         target_modules: Projections to adapt. Defaults to ``o_proj`` and ``down_proj`` for Llama-family models: their
-            adapted side is the input, so partial backprop keeps only the selected activations.
+            adapted side is the input, so partial backprop keeps only the selected activations. On MoE models
+            ``down_proj``, ``gate_proj``, ``up_proj`` and ``gate_up_proj`` also name the parts of the fused experts
+            (``...experts.down_proj``), where every expert trains its own channels.
         head_ratio: Fraction of attention heads selected per block (``0 < head_ratio <= 1``).
         num_heads: Exact number of heads per block; overrides ``head_ratio``.
         channel_ratio: Fraction of FFN channels selected per block (``0 < channel_ratio <= 1``).
-        num_channels: Exact number of FFN channels per block; overrides ``channel_ratio``.
+        num_channels: Exact number of FFN channels per block (per expert in MoE blocks); overrides ``channel_ratio``.
         selection: How units are scored: ``random``, ``weight`` (magnitude), ``activation`` (magnitude),
             ``weight_activation`` (their product) or ``gradient``. Score-based strategies need
             ``initialize_s2ft_selection(model, dataloader)`` before training.

@@ -6,13 +6,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 
 from .bnb import bnb_layer_class
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
 from .architectures import base_layer, default_target_modules, is_conv1d
 from .layout import Layout, layout_blocker, through_tuner
+from .moe import Experts, add_experts_adapter, check_experts_target, is_experts, targeted_parts
 from .selection import random_scores, select_units
 from .structure import ROLES, Block, find_block, projection_role, text_config
 from .transactions import loading, note_created
@@ -63,9 +64,12 @@ class S2FTModel(BaseTuner):
         """Refuse what cannot be honoured before any module is replaced, so a failure leaves the model as it was."""
         _check_adapter_name(adapter_name)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        layer_paths = tuple(path + "." for path, module in model.named_modules() if isinstance(module, S2FTLayer))
+        layer_paths = tuple(path + "." for path, module in model.named_modules() if isinstance(module, BaseTunerLayer))
         for key, module in model.named_modules():
-            if not key or key.startswith(layer_paths) or not check_target_module_exists(config, key):
+            if not key or key.startswith(layer_paths) or not self._check_target_module_exists(config, key):
+                continue
+            if is_experts(module):
+                check_experts_target(config, key, module)
                 continue
             block = self._block(model, key)
             base = base_layer(module)
@@ -80,9 +84,21 @@ class S2FTModel(BaseTuner):
                 )
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
+        """Default targets: the input side of each block (on MoE models ``down_proj`` also names the experts')."""
         if peft_config.target_modules is None:
             peft_config.target_modules = set(default_target_modules(text_config(self.model)))
         return peft_config
+
+    def _check_target_module_exists(self, peft_config, key):
+        """Projections match by name; fused MoE experts match through their parts (``...experts.down_proj``)."""
+        found = check_target_module_exists(peft_config, key)
+        if found or isinstance(found, _ExcludedModule):
+            return found
+        try:
+            module = self.model.get_submodule(key)
+        except AttributeError:  # PEFT lists modules before injecting: this one was inside a module now wrapped
+            return False
+        return bool(targeted_parts(peft_config, key, module))
 
     def _block(self, model: nn.Module, key: str) -> Block:
         cache_key = f"{key.rsplit('.', 1)[0]}:{ROLES[projection_role(model, key)][0]}"
@@ -91,6 +107,13 @@ class S2FTModel(BaseTuner):
         return self._blocks[cache_key]
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        if is_experts(target):
+            new_module = add_experts_adapter(config, adapter_name, target, current_key)
+            if new_module is not None:
+                if adapter_name not in self.active_adapters:
+                    new_module.requires_grad_(False)
+                self._replace_module(parent, target_name, new_module, target)
+            return
         block = self._block(self.model, current_key)
         if block.key not in self._pending_units:
             count = config.unit_count(block.kind, block.num_units)
@@ -111,11 +134,18 @@ class S2FTModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, Experts) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)  # unloading experts: they hold 3-D parameters, no .weight to relink
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     # ------------------------------------------------------------------ co-permutation
     def s2ft_layers(self):
-        """(path, block, layer) of every S2FT layer, paths relative to the wrapped model."""
+        """(path, block, layer) of every S2FT layer of an attention or FFN block, paths relative to the wrapped model
+        (MoE experts have their own layer, outside any block)."""
         for path, module in self.model.named_modules():
-            if isinstance(module, S2FTLayer):
+            if isinstance(module, S2FTLayer) and not isinstance(module, Experts):
                 yield path, self._block(self.model, path), module
 
     def adapter_units(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -184,12 +214,13 @@ class S2FTModel(BaseTuner):
 
     def _check_finite(self, adapter_names: Optional[list[str]]) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
-        for path, _, layer in self.s2ft_layers():
-            for name in names:
-                if name in layer.s2ft_delta and not torch.isfinite(layer.s2ft_delta[name]).all():
-                    raise ValueError(
-                        f"NaNs detected in the S2FT adapter '{name}' at '{path}'; nothing was merged."
-                    )
+        for path, layer in self.model.named_modules():
+            for deltas in (getattr(layer, attr) for attr in getattr(layer, "adapter_layer_names", ())):
+                for name in names:
+                    if name in deltas and not torch.isfinite(deltas[name]).all():
+                        raise ValueError(
+                            f"NaNs detected in the S2FT adapter '{name}' at '{path}'; nothing was merged."
+                        )
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         if safe_merge:
@@ -242,9 +273,12 @@ _PEFT_PREFIX = "base_model.model."
 def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
     expected = set()
     for path, module in model.named_modules():
+        where = f"S2FT adapter '{adapter_name}' at '{path.removeprefix(_PEFT_PREFIX)}'"
+        if isinstance(module, Experts) and adapter_name in module.s2ft_indices:
+            expected.update(module.check_saved(adapter_name, state_dict, path, where))
+            continue
         if not isinstance(module, S2FTLayer) or adapter_name not in module.s2ft_delta:
             continue
-        where = f"S2FT adapter '{adapter_name}' at '{path.removeprefix(_PEFT_PREFIX)}'"
         keys = (f"{path}.s2ft_indices.{adapter_name}", f"{path}.s2ft_delta.{adapter_name}")
         expected.update(keys)
         indices, delta = (state_dict.get(key) for key in keys)
@@ -266,7 +300,7 @@ def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict
             raise ValueError(f"{where} has a delta holding NaN or infinite values; it was not loaded.")
     # PEFT names only the keys that match an adapted module; the others keep their saved names
     for key in state_dict:
-        if key not in expected and (".s2ft_indices" in key or ".s2ft_delta" in key):
+        if key not in expected and ".s2ft_" in key:
             raise ValueError(
                 f"S2FT adapter '{adapter_name}' holds '{key.removeprefix(_PEFT_PREFIX)}', which has no place in this "
                 "model: the adapter was trained on a model with other layers or projections, or its config does not "

@@ -11,8 +11,13 @@ from .structure import Block
 
 def random_scores(block: Block, seed: int) -> torch.Tensor:
     """Seeded per block name, so the draw does not depend on the order in which blocks are visited."""
-    generator = torch.Generator().manual_seed(seed + zlib.crc32(block.name.encode()))
-    return torch.rand(block.num_units, generator=generator)
+    return seeded_scores(block.name, block.num_units, seed)
+
+
+def seeded_scores(name: str, count: int, seed: int) -> torch.Tensor:
+    """``count`` uniform scores drawn from ``seed`` and ``name`` alone."""
+    generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+    return torch.rand(count, generator=generator)
 
 
 def select_units(block: Block, count: int, scores: torch.Tensor, order: str = "large") -> torch.Tensor:

@@ -41,12 +41,17 @@ ARCHITECTURES = {
                        multi_query=False),
     "falcon_gqa": dict(model_type="falcon", num_attention_heads=4, intermediate_key="ffn_hidden_size",
                        new_decoder_architecture=True, num_kv_heads=2),
+    # mixture of experts: 4 experts of intermediate_size channels each, top-2 (Llama 4: top-1 plus a shared expert;
+    # GPT-OSS: transposed, interleaved gate/up rows with biases)
     "mixtral": dict(model_type="mixtral", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                     num_experts_per_tok=2),
-    "qwen3_moe": dict(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+                      num_experts_per_tok=2),
     "llama4_text": dict(model_type="llama4_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                        num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=256),
+                        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1),
+    "gpt_oss": dict(model_type="gpt_oss", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    num_local_experts=4, num_experts_per_tok=2, rope_parameters=dict(rope_type="default",
+                                                                                    rope_theta=10000.0)),
 }
 
 
@@ -101,6 +106,8 @@ def build_model(
         bos_token_id=1,
         eos_token_id=2,
     )
+    if model_type == "qwen3_moe":  # its experts' width has its own name
+        settings["moe_intermediate_size"] = intermediate_size
     settings.update(overrides)
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)

@@ -6,8 +6,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from peft.utils.integrations import dequantize_module_weight
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from .distributed import agree_on_scores, is_partitioned, placeholder_weights_on_other_ranks, whole_weights
 from .selection import select_units
 from .structure import SCORING_PROJECTION, Block, projection_name
 
@@ -30,6 +32,10 @@ def initialize_s2ft_selection(
     Scores come from the input side of each block (o_proj columns of a head, the down_proj column of a channel) of the
     base model with adapters disabled, in the original coordinates. ``forward_fn(model, batch)`` returns the loss
     (used by the gradient strategy); the default feeds a dict batch with ``labels = input_ids``.
+
+    Launched on several processes, call it on every rank before the model is sharded (before ``trainer.train()`` or
+    ``accelerator.prepare``): the ranks sum their data scores, so each rank may pass its own share of the calibration
+    data, take the weight magnitudes from rank 0, and all select the same units.
     """
     tuner = model.base_model
     config = tuner.peft_config[adapter_name]
@@ -59,8 +65,9 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
     modules = {
         key: tuner.model.get_submodule(block.projections[SCORING_PROJECTION[block.kind]]) for key, block in blocks.items()
     }
+    _check_scorable(modules, selection)
     if selection == "weight":
-        return {key: _weight_column_sums(module) for key, module in modules.items()}
+        return _weight_scores(modules)
     sums = {key: torch.zeros(module.in_features, dtype=torch.float64) for key, module in modules.items()}
 
     def make_hook(key):
@@ -94,9 +101,15 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    sums = agree_on_scores(sums, combine="sum")
     if selection == "weight_activation":  # Wanda-style: |W_ij| * ||x_j||
-        return {key: _weight_column_sums(modules[key]) * total.sqrt().float() for key, total in sums.items()}
+        weights = _weight_scores(modules)
+        return {key: weights[key] * total.sqrt().float() for key, total in sums.items()}
     return {key: total.float() for key, total in sums.items()}
+
+
+def _weight_scores(modules) -> dict:
+    return agree_on_scores({key: _weight_column_sums(module) for key, module in modules.items()}, combine="rank0")
 
 
 def _weight_column_sums(module) -> torch.Tensor:
@@ -104,5 +117,30 @@ def _weight_column_sums(module) -> torch.Tensor:
     if hasattr(module, "dequantized_weight"):
         weight = module.dequantized_weight()
     else:
-        weight = dequantize_module_weight(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        with whole_weights([base.weight]):
+            weight = dequantize_module_weight(base).detach().clone()
     return weight.detach().float().abs().sum(0)
+
+
+def _check_scorable(modules, selection) -> None:
+    """Refuse, before any work, weights that scoring cannot read on this rank."""
+    for module in modules.values():
+        weight = (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight
+        if isinstance(weight, DTensor):
+            raise ValueError(
+                "S2FT selection must be made before FSDP shards the model: call initialize_s2ft_selection before "
+                "trainer.train() or accelerator.prepare(model)."
+            )
+        if selection != "weight" and is_partitioned(weight):
+            raise ValueError(
+                f"S2FT selection '{selection}' runs the model on calibration data, but DeepSpeed ZeRO-3 has partitioned "
+                "its weights and runs it only inside its engine. Use selection='weight' or 'random' under ZeRO-3, or "
+                "select under ZeRO-2 or FSDP, which shard after the selection is made."
+            )
+    if selection != "weight" and placeholder_weights_on_other_ranks():
+        raise ValueError(
+            f"S2FT selection '{selection}' runs the model on calibration data on every rank, but with FSDP's "
+            "cpu_ram_efficient_loading only rank 0 has loaded the weights yet. Set fsdp_cpu_ram_efficient_loading: "
+            "false, or use selection='weight' (scored from rank 0's weights) or 'random'."
+        )

@@ -160,11 +160,15 @@ class S2FTModel(BaseTuner):
         self.arrange()
 
     def state_dict(self, *args, **kwargs):
-        """Base weights stay in the current layout (no copy); the layout is recorded beside them."""
+        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state)."""
         with through_tuner():
-            result = super().state_dict(*args, **kwargs)
-        result.update(self.s2ft_layout.state_dict_entries(kwargs.get("prefix", "")))
-        return result
+            return super().state_dict(*args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        return self.s2ft_layout.extra_state()
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to set: the load pre-hook has already brought the weights from the saved layout to this one."""
 
     # ------------------------------------------------------------------ PEFT behaviour
     def forward(self, *args, **kwargs):

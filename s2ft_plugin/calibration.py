@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -69,10 +70,13 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
     if selection == "weight":
         return _weight_scores(modules)
     sums = {key: torch.zeros(module.in_features, dtype=torch.float64) for key, module in modules.items()}
+    tokens = {"mask": None}  # the batch's attention mask: padding must not score, however the set is batched
 
     def make_hook(key):
         def hook(_module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if selection in ("activation", "weight_activation") and tokens["mask"] is not None:
+                x = x[tokens["mask"].to(x.device)]
             if selection == "activation":
                 sums[key] += x.abs().sum(0).double().cpu()
             elif selection == "weight_activation":
@@ -94,6 +98,8 @@ def _column_scores(model, tuner, blocks, selection, dataloader, forward_fn, show
     try:
         with model.disable_adapter(), torch.set_grad_enabled(selection == "gradient"):
             for batch in tqdm(dataloader, desc="S2FT selection", disable=not show_progress_bar):
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                tokens["mask"] = None if mask is None else mask.reshape(-1).bool()
                 loss = forward_fn(model, batch)
                 if selection == "gradient":
                     loss.backward()

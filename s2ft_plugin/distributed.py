@@ -1,8 +1,9 @@
-"""S²FT across processes: the same selection on every rank, and whole weights where ZeRO-3 has partitioned them.
+"""S²FT across processes: the same selection on every rank, whole weights where ZeRO-3 has partitioned them, and the
+adapter's entries found in a sharded model's state dict.
 
 FSDP shards only when ``accelerator.prepare`` runs, after ``get_peft_model`` has co-permuted the full weights on every
-rank, so it needs nothing here. DeepSpeed ZeRO-3 partitions the weights while the model loads; co-permuting them and
-scoring them by magnitude need the whole weights, which :func:`whole_weights` gathers for the duration.
+rank, so co-permutation needs nothing here. DeepSpeed ZeRO-3 partitions the weights while the model loads; co-permuting
+them and scoring them by magnitude need the whole weights, which :func:`whole_weights` gathers for the duration.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# module-path segments that FSDP1 and activation-checkpoint wrappers insert and their state dicts leave out
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def is_partitioned(tensor: torch.Tensor) -> bool:
@@ -32,6 +38,28 @@ def whole_weights(tensors: Iterable[torch.Tensor], modify: bool = False):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
+
+
+def adapter_entries(model, state_dict: dict) -> dict:
+    """The tuner's entries of ``state_dict``, found by module path as PEFT does, with every wrapper segment removed:
+    PEFT removes only a leading one, so under FSDP1 with per-block wrapping it finds nothing and saves an empty
+    adapter (and checkpoints without the deltas)."""
+    prefixes = set()
+    for prefix in _get_tuner_state_dict_key_prefixes(model):
+        for segment in WRAPPER_SEGMENTS:
+            prefix = prefix.replace(segment, "")
+        prefixes.add(prefix)
+    return _filter_state_dict_by_key_prefixes(state_dict, prefixes)
+
+
+def index_select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``tensor.index_select``, also for an FSDP2 shard (DTensor): permuting along a sharded dim moves rows between
+    ranks, so the whole tensor is gathered, permuted and sharded again as before (a state dict loaded into a sharded
+    model, as when a run resumes, passes through here)."""
+    if isinstance(tensor, DTensor):
+        whole = tensor.full_tensor().index_select(dim, index.to(tensor.device))
+        return distribute_tensor(whole, tensor.device_mesh, tensor.placements)
+    return tensor.index_select(dim, index.to(tensor.device))
 
 
 def world_size() -> int:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .distributed import whole_weights
+from .distributed import index_select, whole_weights
 from .structure import Block
 
 LAYOUT_KEY = "_extra_state"  # torch.nn.Module's key for get_extra_state()
@@ -83,7 +83,7 @@ class Layout:
             for module, attr, axis, per_unit, dim in moved:
                 tensor = getattr(module, attr)
                 index = block.permutation(axis, relative, per_unit).to(tensor.device)
-                tensor.data.copy_(tensor.data.index_select(dim, index))
+                tensor.data.copy_(index_select(tensor.data, dim, index))
                 _track(module, attr, (self, block, axis, per_unit, dim) if permuted else None)
         if permuted:
             self.orders[block.key], self.blocks[block.key] = target, block
@@ -121,7 +121,7 @@ class Layout:
                 if tensor_key in state_dict:
                     value = state_dict[tensor_key]
                     index = torch.argsort(block.permutation(axis, saved, per_unit)).to(value.device)
-                    state_dict[tensor_key] = value.index_select(dim, index)
+                    state_dict[tensor_key] = index_select(value, dim, index)
 
 
 class through_tuner:
@@ -164,7 +164,7 @@ def _state_dict_in_original_order(module, state_dict, prefix, _local_metadata) -
         key = prefix + attr
         if key in state_dict:
             index = torch.argsort(_element_index(layout, block, axis, per_unit)).to(state_dict[key].device)
-            state_dict[key] = state_dict[key].detach().index_select(dim, index)
+            state_dict[key] = index_select(state_dict[key].detach(), dim, index)
 
 
 def _load_from_original_order(module, state_dict, prefix, *_args) -> None:
@@ -172,4 +172,4 @@ def _load_from_original_order(module, state_dict, prefix, *_args) -> None:
         key = prefix + attr
         if key in state_dict:
             index = _element_index(layout, block, axis, per_unit).to(state_dict[key].device)
-            state_dict[key] = state_dict[key].index_select(dim, index)
+            state_dict[key] = index_select(state_dict[key], dim, index)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 
 from .bnb import bnb_layer_class
 from .config import S2FTConfig
+from .distributed import adapter_entries
 from .layer import Linear, S2FTLayer
 from .layout import Layout, base_layer, layout_blocker, through_tuner
 from .selection import random_scores, select_units
@@ -209,6 +210,10 @@ class S2FTModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        return adapter_entries(model, state_dict)  # also under FSDP1's nested wrappers
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

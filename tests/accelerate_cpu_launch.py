@@ -20,6 +20,7 @@ import os
 import runpy
 import sys
 
+import torch.distributed
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp._flat_param import FlatParamHandle
@@ -56,3 +57,6 @@ if __name__ == "__main__":
     for args in runs:
         sys.argv = [script, *args]
         runpy.run_path(script, run_name="__main__")
+    # leave the group before exit: gloo's threads otherwise sometimes abort the process as it exits
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -80,6 +80,14 @@ def test_fsdp1_matches_a_single_process(tmp_path, single_process):
     assert_same_adapter(adapter(str(tmp_path)), single_process)
 
 
+def test_fsdp1_refuses_a_base_and_deltas_of_different_dtypes(tmp_path):
+    """FSDP1 would fail deep inside its wrapping (one dtype per flat parameter): the example says how to fix it."""
+    with pytest.raises(AssertionError, match="FSDP1 flattens each wrapped block into one tensor of one dtype"):
+        launch("accelerate_fsdp1.yaml", [*TRAIN, "--dtype", "bfloat16", "--save_strategy", "no", "--output_dir",
+                                         str(tmp_path)], port=29563)
+    assert not os.path.exists(tmp_path / "adapter_model.safetensors")
+
+
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (pip install -e '.[deepspeed]'); its ZeRO tests run under `make gpu-check`",
@@ -93,7 +101,7 @@ def test_deepspeed_zero_matches_a_single_process(tmp_path, single_process, stage
     # ZeRO-3 loads the model partitioned: data-based selection is refused there, so both score by weight magnitude
     out = str(tmp_path / "zero")
     launch(f"accelerate_zero{stage}.yaml", [*TRAIN, "--per_device_train_batch_size", "2", "--s2ft_selection",
-                                            "weight", "--save_strategy", "no", "--output_dir", out], port=29563 + stage)
+                                            "weight", "--save_strategy", "no", "--output_dir", out], port=29564 + stage)
     reference = str(tmp_path / "single")
     run_in_process(*TRAIN, "--use_cpu", "--save_strategy", "no", "--per_device_train_batch_size", "4",
                    "--s2ft_selection", "weight", "--output_dir", reference)

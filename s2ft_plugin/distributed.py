@@ -1,8 +1,8 @@
-"""S²FT across processes: the same selection on every rank, whole weights where ZeRO-3 has partitioned them, and the
-adapter's entries found in a sharded model's state dict.
+"""S²FT across processes: the same selection on every rank, whole weights where ZeRO-3 has partitioned them, FSDP2
+shards permuted whole, and the adapter's entries found in a sharded model's state dict.
 
 FSDP shards only when ``accelerator.prepare`` runs, after ``get_peft_model`` has co-permuted the full weights on every
-rank, so co-permutation needs nothing here. DeepSpeed ZeRO-3 partitions the weights while the model loads; co-permuting
+rank, so co-permutation needs nothing there. DeepSpeed ZeRO-3 partitions the weights while the model loads; co-permuting
 them and scoring them by magnitude need the whole weights, which :func:`whole_weights` gathers for the duration.
 """
 

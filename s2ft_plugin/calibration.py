@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .architectures import base_layer, linear_shape, linear_weight
+from .distributed import agree_on_scores, is_partitioned, placeholder_weights_on_other_ranks, whole_weights
 from .moe import ChannelStatistics, Experts, select_channels
 from .selection import select_units
 from .structure import SCORING_ROLE, Block
@@ -32,6 +35,10 @@ def initialize_s2ft_selection(
     expert's own down_proj columns in MoE blocks) of the base model with adapters disabled, in the original
     coordinates. ``forward_fn(model, batch)`` returns the loss
     (used by the gradient strategy); the default feeds a dict batch with ``labels = input_ids``.
+
+    Launched on several processes, call it on every rank before the model is sharded (before ``trainer.train()`` or
+    ``accelerator.prepare``): the ranks sum their data scores, so each rank may pass its own share of the calibration
+    data, take the weight magnitudes from rank 0, and all select the same units.
     """
     tuner = model.base_model
     config = tuner.peft_config[adapter_name]
@@ -58,7 +65,9 @@ def initialize_s2ft_selection(
                 count = config.unit_count(block.kind, block.num_units)
                 units = select_units(block, count, unit_scores, config.selection_order)
                 layer.s2ft_indices[adapter_name].copy_(block.elements(block.role(path), units))
-    for statistics in experts.values():
+    agreed = agree_on_scores({path: statistics.sums for path, statistics in experts.items()}, combine="sum")
+    for path, statistics in experts.items():
+        statistics.sums = agreed[path]  # every rank selects the same channels from all ranks' data
         layout = statistics.layer.layout
         channels = select_channels(
             config.unit_count("channels", layout.channels), statistics.scores(), config.selection_order
@@ -75,13 +84,17 @@ def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward
         if role not in block.projections:
             raise ValueError(f"S2FT cannot score the units of block '{block.name}': it has no {role} projection.")
         modules[key] = tuner.model.get_submodule(block.projections[role])
+    _check_scorable(modules, selection)
     if selection == "weight":
-        return {key: _weight_column_sums(module) for key, module in modules.items()}
+        return _weight_scores(modules)
     sums = {key: torch.zeros(linear_shape(module)[1], dtype=torch.float64) for key, module in modules.items()}
+    tokens = {"mask": None}  # the batch's attention mask: padding must not score, however the set is batched
 
     def make_hook(key):
         def hook(_module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if selection in ("activation", "weight_activation") and tokens["mask"] is not None:
+                x = x[tokens["mask"].to(x.device)]
             if selection == "activation":
                 sums[key] += x.abs().sum(0).double().cpu()
             elif selection == "weight_activation":
@@ -104,6 +117,8 @@ def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward
     try:
         with model.disable_adapter(), torch.set_grad_enabled(selection == "gradient"):
             for batch in tqdm(dataloader, desc="S2FT selection", disable=not show_progress_bar):
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                tokens["mask"] = None if mask is None else mask.reshape(-1).bool()
                 loss = forward_fn(model, batch)
                 if selection == "gradient":
                     loss.backward()
@@ -111,12 +126,46 @@ def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    sums = agree_on_scores(sums, combine="sum")
     if selection == "weight_activation":  # Wanda-style: |W_ij| * ||x_j||
-        return {key: _weight_column_sums(modules[key]) * total.sqrt().float() for key, total in sums.items()}
+        weights = _weight_scores(modules)
+        return {key: weights[key] * total.sqrt().float() for key, total in sums.items()}
     return {key: total.float() for key, total in sums.items()}
+
+
+def _weight_scores(modules) -> dict:
+    return agree_on_scores({key: _weight_column_sums(module) for key, module in modules.items()}, combine="rank0")
 
 
 def _weight_column_sums(module) -> torch.Tensor:
     """Sum of |W| per input column of the weight the projection computes with (quantized bases dequantized)."""
-    weight = module.dequantized_weight() if hasattr(module, "dequantized_weight") else linear_weight(base_layer(module))
+    if hasattr(module, "dequantized_weight"):
+        weight = module.dequantized_weight()
+    else:
+        base = base_layer(module)
+        with whole_weights([base.weight]):
+            weight = linear_weight(base).detach().clone()
     return weight.detach().float().abs().sum(0)
+
+
+def _check_scorable(modules, selection) -> None:
+    """Refuse, before any work, weights that scoring cannot read on this rank."""
+    for module in modules.values():
+        weight = base_layer(module).weight
+        if isinstance(weight, DTensor):
+            raise ValueError(
+                "S2FT selection must be made before FSDP shards the model: call initialize_s2ft_selection before "
+                "trainer.train() or accelerator.prepare(model)."
+            )
+        if selection != "weight" and is_partitioned(weight):
+            raise ValueError(
+                f"S2FT selection '{selection}' runs the model on calibration data, but DeepSpeed ZeRO-3 has partitioned "
+                "its weights and runs it only inside its engine. Use selection='weight' or 'random' under ZeRO-3, or "
+                "select under ZeRO-2 or FSDP, which shard after the selection is made."
+            )
+    if selection != "weight" and placeholder_weights_on_other_ranks():
+        raise ValueError(
+            f"S2FT selection '{selection}' runs the model on calibration data on every rank, but with FSDP's "
+            "cpu_ram_efficient_loading only rank 0 has loaded the weights yet. Set fsdp_cpu_ram_efficient_loading: "
+            "false, or use selection='weight' (scored from rank 0's weights) or 'random'."
+        )

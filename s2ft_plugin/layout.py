@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .architectures import base_layer, weight_dim
+from .distributed import index_select, whole_weights
 from .structure import Block
 
-LAYOUT_KEY = "coperm_layout."
+LAYOUT_KEY = "_extra_state"  # torch.nn.Module's key for get_extra_state()
 # set while a state dict is taken through the tuner: the base weights then stay in the current layout
 _THROUGH_TUNER: ContextVar[bool] = ContextVar("s2ft_state_dict_through_tuner", default=False)
 
@@ -79,10 +80,12 @@ class Layout:
             return
         relative = torch.argsort(current)[target]
         permuted = not torch.equal(target, identity)
-        for module, attr, dim, permutation in _moved_tensors(model, block):
-            tensor = getattr(module, attr)
-            tensor.data.copy_(tensor.data.index_select(dim, permutation(relative).to(tensor.device)))
-            _track(module, attr, (self, block, dim, permutation) if permuted else None)
+        moved = list(_moved_tensors(model, block))
+        with whole_weights([getattr(module, attr) for module, attr, *_ in moved], modify=True):  # ZeRO-3
+            for module, attr, dim, permutation in moved:
+                tensor = getattr(module, attr)
+                tensor.data.copy_(index_select(tensor.data, dim, permutation(relative).to(tensor.device)))
+                _track(module, attr, (self, block, dim, permutation) if permuted else None)
         if permuted:
             self.orders[block.key], self.blocks[block.key] = target, block
         else:
@@ -96,8 +99,10 @@ class Layout:
         inverse = torch.argsort(block.index_permutation(role, self.orders[block.key]))
         return inverse.to(indices.device)[indices]
 
-    def state_dict_entries(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}{LAYOUT_KEY}{key}": order.clone() for key, order in self.orders.items()}
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """The layout as the tuner's ``_extra_state`` (block key -> order): the one non-attribute key that FSDP2 and
+        torch.distributed.checkpoint resolve when they take a sharded model's state dict."""
+        return {key: order.clone() for key, order in self.orders.items()}
 
     def to_original(self, model: nn.Module, blocks: dict, state_dict: dict, prefix: str) -> None:
         """Bring base weights that a tuner's state dict holds in the layout it recorded back to the original order.
@@ -105,17 +110,18 @@ class Layout:
         ``prefix`` is the tuner's key prefix in ``state_dict``; ``blocks`` maps block keys to the model's blocks.
         """
         names = {id(module): name for name, module in model.named_modules()}
-        for key in [key for key in state_dict if key.startswith(prefix + LAYOUT_KEY)]:
-            saved = state_dict.pop(key).long()
-            block = blocks.get(key[len(prefix + LAYOUT_KEY):])
+        for block_key, saved in (state_dict.get(prefix + LAYOUT_KEY) or {}).items():
+            saved = saved.long()
+            block = blocks.get(block_key)
             if block is None:
-                raise ValueError(f"S2FT state dict entry {key!r} names a block this model does not adapt.")
+                raise ValueError(f"S2FT state dict entry {prefix + LAYOUT_KEY!r} names block {block_key!r}, which this "
+                                 "model does not adapt.")
             for module, attr, dim, permutation in _moved_tensors(model, block):
                 name = names[id(module)]
                 tensor_key = f"{prefix}model.{name}.{attr}" if name else f"{prefix}model.{attr}"
                 if tensor_key in state_dict:
                     value = state_dict[tensor_key]
-                    state_dict[tensor_key] = value.index_select(dim, torch.argsort(permutation(saved)).to(value.device))
+                    state_dict[tensor_key] = index_select(value, dim, torch.argsort(permutation(saved)).to(value.device))
 
 
 class through_tuner:
@@ -158,9 +164,9 @@ def _state_dict_in_original_order(module, state_dict, prefix, _local_metadata) -
     if _THROUGH_TUNER.get():
         return
     for key, dim, index in _moved_entries(module, state_dict, prefix):
-        state_dict[key] = state_dict[key].detach().index_select(dim, torch.argsort(index))
+        state_dict[key] = index_select(state_dict[key].detach(), dim, torch.argsort(index))
 
 
 def _load_from_original_order(module, state_dict, prefix, *_args) -> None:
     for key, dim, index in _moved_entries(module, state_dict, prefix):
-        state_dict[key] = state_dict[key].index_select(dim, index)
+        state_dict[key] = index_select(state_dict[key], dim, index)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 
 from .bnb import bnb_layer_class
 from .config import S2FTConfig
+from .distributed import adapter_entries
 from .layer import Linear, S2FTLayer
 from .architectures import base_layer, default_target_modules, is_conv1d
 from .layout import Layout, layout_blocker, through_tuner
@@ -189,11 +190,15 @@ class S2FTModel(BaseTuner):
         self.arrange()
 
     def state_dict(self, *args, **kwargs):
-        """Base weights stay in the current layout (no copy); the layout is recorded beside them."""
+        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state)."""
         with through_tuner():
-            result = super().state_dict(*args, **kwargs)
-        result.update(self.s2ft_layout.state_dict_entries(kwargs.get("prefix", "")))
-        return result
+            return super().state_dict(*args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        return self.s2ft_layout.extra_state()
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to set: the load pre-hook has already brought the weights from the saved layout to this one."""
 
     # ------------------------------------------------------------------ PEFT behaviour
     def forward(self, *args, **kwargs):
@@ -235,6 +240,10 @@ class S2FTModel(BaseTuner):
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        return adapter_entries(model, state_dict)  # also under FSDP1's nested wrappers
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -14,17 +14,23 @@ Several processes (DDP; `--use_cpu` makes them join a gloo group on CPU):
     accelerate launch --config_file trl_examples/accelerate_multi_cpu.yaml trl_examples/sft_s2ft.py --use_cpu \
         --output_dir runs/ddp
 
+Sharded, one process per GPU (FSDP2, FSDP1, DeepSpeed ZeRO-2 or ZeRO-3; the README's support matrix says what works):
+    accelerate launch --config_file trl_examples/accelerate_fsdp2.yaml trl_examples/sft_s2ft.py --output_dir runs/fsdp2
+
 SFTConfig turns bf16 on by default, which TRL refuses on a machine without an accelerator unless `--use_cpu` is given.
 """
 
+import contextlib
 import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from accelerate.utils import DistributedType
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
+from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_quantization_config
 
 from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
@@ -55,13 +61,57 @@ def builtin_dataset() -> Dataset:
     return Dataset.from_dict({"messages": rows * 4})
 
 
+@contextlib.contextmanager
+def zero3_init_disabled(training_args):
+    """Build the tiny checkpoint whole: under DeepSpeed ZeRO-3 transformers would create it already partitioned."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    config = getattr(plugin, "dschf", None) or getattr(training_args, "hf_deepspeed_config", None)
+    if config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
+
+
+def check_sharding(trainer):
+    """Refuse, before training, what the sharded engines would silently change or fail on deep inside."""
+    accelerator = trainer.accelerator
+    for engine, variable in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"),
+                             (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != engine:
+            raise ValueError(
+                f"The accelerate config asks for {engine.value} but accelerate set up {accelerator.distributed_type.value}"
+                " (it runs FSDP and DeepSpeed only on GPUs and other accelerators; with --use_cpu it falls back to DDP)."
+            )
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 1:
+        dtypes = sorted({str(param.dtype) for param in trainer.model.parameters()})
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"FSDP1 flattens each wrapped block into one tensor of one dtype, but this model holds {dtypes}: load "
+                "the base in float32 (--dtype float32, with mixed_precision bf16 to compute in bf16), set "
+                "--s2ft_delta_dtype to the base's dtype (for a 4-bit base also bnb_4bit_quant_storage), or use FSDP2."
+            )
+    elif plugin.cpu_ram_efficient_loading:
+        raise ValueError(
+            "fsdp_cpu_ram_efficient_loading with FSDP2: accelerate broadcasts rank 0's DTensor parameters only and "
+            "fails on S2FT's index buffers. Set fsdp_cpu_ram_efficient_loading: false."
+        )
+
+
 def main(script_args, training_args, model_args, s2ft_args):
     model_path = model_args.model_name_or_path
     if model_path is None:  # offline default: a tiny Llama and its tokenizer, written once (main process first)
         model_path = os.path.join(training_args.output_dir, "tiny-llama")
         with training_args.main_process_first(desc="build the tiny model"):
             if not os.path.isfile(os.path.join(model_path, "config.json")):
-                save_checkpoint(model_path, "llama")
+                with zero3_init_disabled(training_args):
+                    save_checkpoint(model_path, "llama")
     training_args.model_init_kwargs = dict(dtype=model_args.dtype, **(training_args.model_init_kwargs or {}))
     if script_args.dataset_name:
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)[script_args.dataset_train_split]
@@ -83,8 +133,10 @@ def main(script_args, training_args, model_args, s2ft_args):
     for name, param in trainer.model.named_parameters():
         if "s2ft_delta" in name:
             param.data = param.data.to(getattr(torch, s2ft_args.s2ft_delta_dtype))
+    check_sharding(trainer)
     if s2ft_args.s2ft_selection != "random":
-        # unsharded and in order, so every process selects the same units; a resumed run reloads the saved selection
+        # every process scores the same batches and the ranks' scores are combined, so all select the same units as
+        # one process would; a resumed run reloads the saved selection
         loader = DataLoader(trainer.train_dataset, batch_size=training_args.per_device_train_batch_size,
                             collate_fn=trainer.data_collator)
         initialize_s2ft_selection(trainer.model, itertools.islice(loader, s2ft_args.s2ft_calibration_batches),

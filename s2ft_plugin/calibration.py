@@ -8,7 +8,7 @@ import torch
 from peft.utils.integrations import dequantize_module_weight
 from tqdm.auto import tqdm
 
-from .selection import select_units
+from .selection import select_units, selection_count
 from .structure import SCORING_PROJECTION, Block, projection_name
 
 
@@ -48,7 +48,7 @@ def initialize_s2ft_selection(
         for path, block, layer in tuner.s2ft_layers():
             if adapter_name in layer.s2ft_indices:
                 unit_scores = column_scores[block.key].view(block.num_units, block.unit_size).sum(1)
-                count = config.unit_count(block.kind, block.num_units)
+                count = selection_count(config, block, projection_name(path), path)
                 units = select_units(block, count, unit_scores, config.selection_order)
                 layer.s2ft_indices[adapter_name].copy_(block.elements(projection_name(path), units))
     tuner.s2ft_uncalibrated.discard(adapter_name)

@@ -15,6 +15,21 @@ def random_scores(block: Block, seed: int) -> torch.Tensor:
     return torch.rand(block.num_units, generator=generator)
 
 
+def selection_count(config, block: Block, projection: str, module_key: str) -> int:
+    """How many of the block's units (query heads or channels) to select so that ``projection`` covers the count
+    its config gives it: the block's count, or the ``unit_pattern`` entry of ``module_key`` (key/value heads for
+    k/v_proj, selected as whole groups)."""
+    count = config.pattern_units(module_key)
+    if count is None:
+        return config.unit_count(block.kind, block.num_units)
+    axis = block.axis(projection)
+    if count > block.axis_units(axis):
+        raise ValueError(
+            f"S2FTConfig.unit_pattern gives '{module_key}' {count} units but it has only {block.axis_units(axis)}."
+        )
+    return count * block.group_size if axis == "key_value" else count
+
+
 def select_units(block: Block, count: int, scores: torch.Tensor, order: str = "large") -> torch.Tensor:
     """The ``count`` best units of ``block`` by ``scores`` (highest for ``large``, lowest for ``small``), sorted.
 

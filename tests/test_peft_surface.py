@@ -64,7 +64,9 @@ def test_mixed_adapter_batch_forward_is_exact_per_row(tmp_path):
 
 
 def test_mixed_adapter_batch_generate_follows_beams_and_return_sequences(tmp_path):
-    model, _ = two_adapters(tmp_path)
+    model, folders = two_adapters(tmp_path)
+    references = {name: reference_model("mistral", [folder]) for name, folder in folders.items()}
+    references["__base__"] = build_model("mistral")
     ids = torch.randint(3, 384, (3, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
@@ -83,6 +85,7 @@ def test_mixed_adapter_batch_generate_follows_beams_and_return_sequences(tmp_pat
                 alone = model.generate(input_ids=ids, **generate)
             rows = slice(row * per_row, (row + 1) * per_row)
             assert torch.equal(mixed[rows], alone[rows]), (options, name)
+            assert torch.equal(mixed[rows], references[name].generate(input_ids=ids, **generate)[rows]), (options, name)
 
 
 def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):

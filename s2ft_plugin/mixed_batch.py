@@ -36,6 +36,7 @@ class _RowAdapters:
 
 @contextlib.contextmanager
 def mixed_batch(tuner, kwargs: dict):
+    """While active, ``kwargs["adapter_names"]`` (if given) selects each row's adapter in every S2FT layer."""
     for name, reason in UNSUPPORTED_FORWARD_ARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"S2FT models cannot honour `{name}`: {reason}.")

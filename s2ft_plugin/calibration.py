@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .architectures import base_layer, linear_shape, linear_weight
 from .distributed import agree_on_scores, is_partitioned, placeholder_weights_on_other_ranks, whole_weights
 from .moe import ChannelStatistics, Experts, select_channels
-from .selection import select_units
+from .selection import select_units, selection_count
 from .structure import SCORING_ROLE, Block
 
 
@@ -62,7 +62,7 @@ def initialize_s2ft_selection(
         for path, block, layer in tuner.s2ft_layers():
             if adapter_name in layer.s2ft_indices:
                 unit_scores = column_scores[block.key].view(block.num_units, block.unit_size).sum(1)
-                count = config.unit_count(block.kind, block.num_units)
+                count = selection_count(config, block, block.role(path), path)
                 units = select_units(block, count, unit_scores, config.selection_order)
                 layer.s2ft_indices[adapter_name].copy_(block.elements(block.role(path), units))
     agreed = agree_on_scores({path: statistics.sums for path, statistics in experts.items()}, combine="sum")

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from ._peft_type import ensure_peft_type
 
@@ -27,6 +28,10 @@ class S2FTConfig(PeftConfig):
             adapted side is the input, so partial backprop keeps only the selected activations. On MoE models
             ``down_proj``, ``gate_proj``, ``up_proj`` and ``gate_up_proj`` also name the parts of the fused experts
             (``...experts.down_proj``), where every expert trains its own channels.
+        exclude_modules: Module names, or a regex, of modules to leave alone (PEFT's semantics).
+        layers_to_transform: Only adapt the layers with these indices (PEFT's semantics, as for LoRA).
+        layers_pattern: Name of the module list holding the layers (e.g. ``"layers"``, ``"h"``) that
+            ``layers_to_transform`` indexes; needed only where PEFT's default guess does not find it.
         head_ratio: Fraction of attention heads selected per block (``0 < head_ratio <= 1``).
         num_heads: Exact number of heads per block; overrides ``head_ratio``.
         channel_ratio: Fraction of FFN channels selected per block (``0 < channel_ratio <= 1``).
@@ -44,6 +49,10 @@ class S2FTConfig(PeftConfig):
             optimisation, not part of the adapter: loading ignores what cannot be honoured.
         init_weights: ``True`` starts every delta at zero (the adapter leaves outputs unchanged); ``False`` draws
             small random deltas, which is only useful for tests.
+        unit_pattern: Units per module, keyed by module name or regex like LoRA's ``rank_pattern``: query heads
+            for q_proj/o_proj, key/value heads for k_proj/v_proj, channels for FFN projections. Overrides the
+            counts above for the modules it matches. ``add_weighted_adapter`` writes it: a combined adapter covers
+            the union of its sources' units, which differs from module to module.
         modules_to_save: Extra modules to train and save, as in other PEFT methods.
     """
 
@@ -52,6 +61,12 @@ class S2FTConfig(PeftConfig):
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules to leave alone."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the layers to adapt (all if None)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes, e.g. 'layers'."}
     )
     head_ratio: float = field(default=0.125, metadata={"help": "Fraction of attention heads selected per block."})
     num_heads: Optional[int] = field(default=None, metadata={"help": "Heads per block; overrides head_ratio."})
@@ -69,6 +84,9 @@ class S2FTConfig(PeftConfig):
                                         "a block allows it)."}
     )
     init_weights: bool = field(default=True, metadata={"help": "Start deltas at zero (False: random, for tests)."})
+    unit_pattern: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Units per module (name or regex -> count), overriding the counts above."}
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules apart from S2FT layers to train and save."}
     )
@@ -89,12 +107,32 @@ class S2FTConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"S2FTConfig.{name} must be a positive int or None, got {value!r}.")
+        for key, count in (self.unit_pattern or {}).items():
+            if count < 1:
+                raise ValueError(f"S2FTConfig.unit_pattern gives {key!r} {count} units; counts must be positive.")
+        self._check_layer_selection()
         if self.selection not in SELECTION_STRATEGIES:
             raise ValueError(f"S2FTConfig.selection must be one of {SELECTION_STRATEGIES}, got {self.selection!r}.")
         if self.selection_order not in SELECTION_ORDERS:
             raise ValueError(
                 f"S2FTConfig.selection_order must be one of {SELECTION_ORDERS}, got {self.selection_order!r}."
             )
+
+    def _check_layer_selection(self) -> None:
+        """The rules LoRA's config applies to ``layers_to_transform``/``layers_pattern``."""
+        if isinstance(self.layers_to_transform, int):
+            indices = [self.layers_to_transform]
+        else:
+            indices = self.layers_to_transform or []
+        if any(index < 0 for index in indices):
+            raise ValueError(f"S2FTConfig.layers_to_transform must hold layer indices >= 0, got {indices}.")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(
+                "S2FTConfig.layers_to_transform and layers_pattern cannot be used when target_modules is a regex "
+                "string; put the layers into the regex, or give target_modules as a list of names."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("S2FTConfig.layers_pattern needs layers_to_transform: the indices of the layers to adapt.")
 
     def _check_types(self) -> None:
         """Name the field when a value (often from a hand-edited adapter_config.json) has the wrong type."""
@@ -105,6 +143,12 @@ class S2FTConfig(PeftConfig):
             return isinstance(value, str) or (
                 isinstance(value, (list, set, tuple)) and all(isinstance(item, str) for item in value)
             )
+
+        def is_ints(value):
+            return is_int(value) or (isinstance(value, (list, tuple)) and all(is_int(item) for item in value))
+
+        def is_counts(value):
+            return isinstance(value, dict) and all(isinstance(k, str) and is_int(v) for k, v in value.items())
 
         expected = {
             "head_ratio": ("a number", lambda v: is_int(v) or isinstance(v, float)),
@@ -118,6 +162,9 @@ class S2FTConfig(PeftConfig):
             "init_weights": ("true or false", lambda v: isinstance(v, bool)),
             "target_modules": ("a module name, a list of names or null", lambda v: v is None or is_names(v)),
             "exclude_modules": ("a module name, a list of names or null", lambda v: v is None or is_names(v)),
+            "layers_to_transform": ("a layer index, a list of indices or null", lambda v: v is None or is_ints(v)),
+            "layers_pattern": ("a name, a list of names or null", lambda v: v is None or is_names(v)),
+            "unit_pattern": ("a mapping of module names to ints, or null", lambda v: v is None or is_counts(v)),
             "modules_to_save": ("a list of module names or null", lambda v: v is None or is_names(v)),
         }
         for name, (kind, accepts) in expected.items():
@@ -132,3 +179,9 @@ class S2FTConfig(PeftConfig):
         if count > total:
             raise ValueError(f"S2FTConfig asks for {count} {kind} per block but the model has only {total}.")
         return count
+
+    def pattern_units(self, module_key: str) -> Optional[int]:
+        """Units ``unit_pattern`` gives the module at ``module_key`` (None: the block's count applies)."""
+        if not self.unit_pattern:
+            return None
+        return self.unit_pattern.get(get_pattern_key(list(self.unit_pattern), module_key))

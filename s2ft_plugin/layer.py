@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Optional
 
 import torch
@@ -12,6 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .architectures import linear_shape, linear_weight
 from .functional import InputSideDelta, OutputSideDelta
+
+_SYNC_HOOK = "_s2ft_compiled_sync_hook"
 
 
 class S2FTLayer(BaseTunerLayer):
@@ -125,6 +128,33 @@ def _stamp(tensor: torch.Tensor) -> tuple:
     return id(tensor), tensor._version
 
 
+def add_compiled_sync_hook(model: nn.Module) -> None:
+    """Under torch.compile the layers cannot read ``tensor._version`` inside the graph, so they skip
+    :meth:`S2FTLayer.sync_positions` while traced; this pre-hook on the adapted model runs it for every layer once per
+    call, outside the graph (a graph break, so ``fullgraph=True`` is refused), and indices written by other loaders
+    are still checked. Called after each injection, so that it knows every layer."""
+    remove_compiled_sync_hook(model)
+    layers = tuple(module for module in model.modules() if isinstance(module, S2FTLayer))
+    model.__dict__[_SYNC_HOOK] = model.register_forward_pre_hook(partial(_sync_when_compiled, layers=layers))
+
+
+def remove_compiled_sync_hook(model: nn.Module) -> None:
+    handle = model.__dict__.pop(_SYNC_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _sync_when_compiled(_model: nn.Module, _args, layers: tuple) -> None:
+    if torch.compiler.is_compiling():
+        _sync_layers(layers)
+
+
+@torch.compiler.disable
+def _sync_layers(layers: tuple) -> None:
+    for layer in layers:
+        layer.sync_positions()
+
+
 class Linear(nn.Module, S2FTLayer):
     """S²FT on a ``torch.nn.Linear`` projection."""
 
@@ -176,24 +206,56 @@ class Linear(nn.Module, S2FTLayer):
                 self._add_delta(weight.data, name, -1.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.sync_positions()
+        adapter_names = kwargs.pop("adapter_names", None)
+        if not torch.compiler.is_compiling():  # traced: see add_compiled_sync_hook
+            self.sync_positions()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        apply_delta = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
         base = self.get_base_layer()
         if self._can_fuse(base, args, kwargs):  # the first delta also applies the frozen weight
             weight, bias, result = base.weight, base.bias, None
         else:
             weight, bias, result = None, None, self.base_layer(x, *args, **kwargs)
         for name in active:
-            positions, start = self.s2ft_positions[name], self.s2ft_start[name]
-            result = apply_delta(x, self.s2ft_delta[name], positions, start, weight, bias, result)
+            result = self._apply_delta(name, x, result, weight, bias)
             weight = bias = None
+        return result
+
+    def _apply_delta(self, name: str, x: torch.Tensor, result, weight=None, bias=None) -> torch.Tensor:
+        apply = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        # compiled code reads positions only, so that a hotswap (same k, new rows) never recompiles
+        start = None if torch.compiler.is_compiling() else self.s2ft_start[name]
+        return apply(x, self.s2ft_delta[name], self.s2ft_positions[name], start, weight, bias, result)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args, **kwargs) -> torch.Tensor:
+        """Row ``i`` gets adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed-adapter batches."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.s2ft_delta:
+                continue
+            rows = [row for row, row_name in enumerate(adapter_names) if row_name == name]
+            if len(rows) == len(adapter_names):
+                result = self._apply_delta(name, x, result)
+                continue
+            rows = torch.tensor(rows, device=x.device)
+            updated = self._apply_delta(name, x.index_select(0, rows), result.index_select(0, rows))
+            result = result.index_copy(0, rows, updated)
         return result
 
     def _can_fuse(self, base: nn.Module, args, kwargs) -> bool:

@@ -99,29 +99,40 @@ class Layout:
         inverse = torch.argsort(block.index_permutation(role, self.orders[block.key]))
         return inverse.to(indices.device)[indices]
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """The layout as the tuner's ``_extra_state`` (block key -> order): the one non-attribute key that FSDP2 and
-        torch.distributed.checkpoint resolve when they take a sharded model's state dict."""
-        return {key: order.clone() for key, order in self.orders.items()}
+    def extra_state(self, blocks: dict) -> torch.Tensor:
+        """The layout as the tuner's ``_extra_state``: the unit order of every adapted block (``blocks``, block key ->
+        Block), concatenated in key order. ``_extra_state`` is the one non-attribute key that FSDP2 and
+        torch.distributed.checkpoint resolve in a sharded model's state dict, and a tensor keeps every value of the
+        state dict a tensor."""
+        orders = [self.order(blocks[key]) for key in sorted(blocks)]
+        return torch.cat(orders) if orders else torch.empty(0, dtype=torch.long)
 
     def to_original(self, model: nn.Module, blocks: dict, state_dict: dict, prefix: str) -> None:
         """Bring base weights that a tuner's state dict holds in the layout it recorded back to the original order.
 
         ``prefix`` is the tuner's key prefix in ``state_dict``; ``blocks`` maps block keys to the model's blocks.
         """
+        saved = state_dict.get(prefix + LAYOUT_KEY)
+        if saved is None:
+            return
+        keys = sorted(blocks)
+        sizes = [blocks[key].num_units for key in keys]
+        if saved.numel() != sum(sizes):
+            raise ValueError(
+                f"S2FT state dict entry {prefix + LAYOUT_KEY!r} records the layout of {saved.numel()} units, but this "
+                f"model adapts {sum(sizes)}: the state dict was taken from an S2FT model with other target modules."
+            )
         names = {id(module): name for name, module in model.named_modules()}
-        for block_key, saved in (state_dict.get(prefix + LAYOUT_KEY) or {}).items():
-            saved = saved.long()
-            block = blocks.get(block_key)
-            if block is None:
-                raise ValueError(f"S2FT state dict entry {prefix + LAYOUT_KEY!r} names block {block_key!r}, which this "
-                                 "model does not adapt.")
+        for key, order in zip(keys, torch.split(saved.long().cpu(), sizes)):
+            block = blocks[key]
+            if torch.equal(order, torch.arange(block.num_units)):
+                continue
             for module, attr, dim, permutation in _moved_tensors(model, block):
                 name = names[id(module)]
                 tensor_key = f"{prefix}model.{name}.{attr}" if name else f"{prefix}model.{attr}"
                 if tensor_key in state_dict:
                     value = state_dict[tensor_key]
-                    state_dict[tensor_key] = index_select(value, dim, torch.argsort(permutation(saved)).to(value.device))
+                    state_dict[tensor_key] = index_select(value, dim, torch.argsort(permutation(order)).to(value.device))
 
 
 class through_tuner:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -9,13 +10,15 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 
 from .bnb import bnb_layer_class
+from .combine import add_weighted_adapter
 from .config import S2FTConfig
-from .distributed import adapter_entries
-from .layer import Linear, S2FTLayer
 from .architectures import base_layer, default_target_modules, is_conv1d
+from .distributed import adapter_entries
+from .layer import Linear, S2FTLayer, add_compiled_sync_hook, remove_compiled_sync_hook
 from .layout import Layout, layout_blocker, through_tuner
+from .mixed_batch import mixed_batch
 from .moe import Experts, add_experts_adapter, check_experts_target, is_experts, targeted_parts
-from .selection import random_scores, select_units
+from .selection import random_scores, select_units, selection_count
 from .structure import ROLES, Block, find_block, projection_role, text_config
 from .transactions import loading, note_created
 
@@ -38,7 +41,7 @@ class S2FTModel(BaseTuner):
         self.s2ft_layout_owner: Optional[str] = None
         self.s2ft_uncalibrated: set[str] = set()
         self._blocks: dict[str, Block] = {}
-        self._pending_units: dict[str, torch.Tensor] = {}
+        self._pending_units: dict[tuple[str, int], torch.Tensor] = {}  # (block key, count) -> units being added
         note_created(self)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.register_load_state_dict_pre_hook(_load_through_tuner)
@@ -60,6 +63,7 @@ class S2FTModel(BaseTuner):
         if owns_layout:
             self.s2ft_layout_owner = adapter_name
         self.arrange()
+        add_compiled_sync_hook(model)
 
     def _check_targets(self, model: nn.Module, adapter_name: str, config: S2FTConfig, owns_layout: bool) -> None:
         """Refuse what cannot be honoured before any module is replaced, so a failure leaves the model as it was."""
@@ -76,13 +80,14 @@ class S2FTModel(BaseTuner):
             base = base_layer(module)
             if not (isinstance(base, nn.Linear) or is_conv1d(base)):
                 raise TypeError(f"S2FT supports linear projections; '{key}' is a {type(base).__name__}.")
-            config.unit_count(block.kind, block.num_units)
+            selection_count(config, block, block.role(key), key)
             blocker = layout_blocker(model, block) if owns_layout and config.permute and not loading() else None
             if blocker is not None:
                 raise ValueError(
                     f"S2FT cannot honour permute=True: {blocker}, so its coupled weights cannot be co-permuted. Leave "
                     "permute unset to co-permute only the blocks that allow it, or set permute=False."
                 )
+        _check_layers_exist(model, config, layer_paths)
 
     def _prepare_adapter_config(self, peft_config: S2FTConfig, model_config: dict) -> S2FTConfig:
         """Default targets: the input side of each block (on MoE models ``down_proj`` also names the experts')."""
@@ -116,13 +121,13 @@ class S2FTModel(BaseTuner):
                 self._replace_module(parent, target_name, new_module, target)
             return
         block = self._block(self.model, current_key)
-        if block.key not in self._pending_units:
-            count = config.unit_count(block.kind, block.num_units)
-            self._pending_units[block.key] = select_units(
+        role = block.role(current_key)
+        count = selection_count(config, block, role, current_key)
+        if (block.key, count) not in self._pending_units:
+            self._pending_units[block.key, count] = select_units(
                 block, count, random_scores(block, config.seed), config.selection_order
             )
-        role = block.role(current_key)
-        indices = block.elements(role, self._pending_units[block.key])
+        indices = block.elements(role, self._pending_units[block.key, count])
         if isinstance(target, S2FTLayer):
             target.update_layer(adapter_name, indices, config.init_weights, inference_mode=config.inference_mode)
             return
@@ -148,6 +153,10 @@ class S2FTModel(BaseTuner):
         for path, module in self.model.named_modules():
             if isinstance(module, S2FTLayer) and not isinstance(module, Experts):
                 yield path, self._block(self.model, path), module
+
+    def adapted_blocks(self) -> dict[str, Block]:
+        """Block key -> block, for every block with an S2FT layer."""
+        return {block.key: block for _, block, _ in self.s2ft_layers()}
 
     def adapter_units(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Selected units (query heads or channels, original coordinates) of an adapter, per block key."""
@@ -194,13 +203,18 @@ class S2FTModel(BaseTuner):
         with through_tuner():
             return super().state_dict(*args, **kwargs)
 
-    def get_extra_state(self) -> dict:
-        return self.s2ft_layout.extra_state()
+    def get_extra_state(self) -> torch.Tensor:
+        return self.s2ft_layout.extra_state(self.adapted_blocks())
 
     def set_extra_state(self, state) -> None:
         """Nothing to set: the load pre-hook has already brought the weights from the saved layout to this one."""
 
     # ------------------------------------------------------------------ PEFT behaviour
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel's forward and generate hand their arguments here: serves ``adapter_names`` (one adapter per row)
+        and refuses the special arguments S2FT cannot honour."""
+        return mixed_batch(self, kwargs)
+
     def forward(self, *args, **kwargs):
         if self.training and self.s2ft_uncalibrated & set(self.active_adapters):
             names = sorted(self.s2ft_uncalibrated & set(self.active_adapters))
@@ -209,6 +223,14 @@ class S2FTModel(BaseTuner):
                 "s2ft_plugin.initialize_s2ft_selection(model, dataloader) before training."
             )
         return self.model(*args, **kwargs)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear") -> None:
+        """Add ``adapter_name`` = sum of ``weights[i]`` x ``adapters[i]``, exactly (see :mod:`s2ft_plugin.combine`).
+
+        Like LoRA's, the new adapter is not activated: call ``set_adapter(adapter_name)`` to use it.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -237,9 +259,11 @@ class S2FTModel(BaseTuner):
             self._check_finite(adapter_names)
         self.s2ft_layout_owner = None
         self._restore_original_order()  # exported weights are a drop-in checkpoint
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        remove_compiled_sync_hook(model)
+        return model
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -270,10 +294,29 @@ def _check_adapter_name(adapter_name: str) -> None:
         ) from None
 
 
+def _check_layers_exist(model: nn.Module, config: S2FTConfig, layer_paths: tuple) -> None:
+    """PEFT skips indices of ``layers_to_transform`` that match no layer; S2FT refuses them (a typo, or an adapter
+    for a deeper model)."""
+    requested = config.layers_to_transform
+    if requested is None:
+        return
+    keys = [key for key, _ in model.named_modules() if key and not key.startswith(layer_paths)]
+    missing = []
+    for index in [requested] if isinstance(requested, int) else requested:
+        one_layer = replace(config, layers_to_transform=[index])
+        if not any(check_target_module_exists(one_layer, key) for key in keys):
+            missing.append(index)
+    if missing:
+        raise ValueError(
+            f"S2FTConfig.layers_to_transform names layer(s) {missing} but no target module of the model sits in a "
+            f"layer with that index (layers_pattern={config.layers_pattern!r})."
+        )
+
+
 def _load_through_tuner(tuner, state_dict, prefix, *_args) -> None:
     """A state dict taken through a tuner holds base weights in its recorded layout: bring them to the original
     order, which the base modules' own hooks then bring into this model's layout."""
-    tuner.s2ft_layout.to_original(tuner.model, tuner._blocks, state_dict, prefix)
+    tuner.s2ft_layout.to_original(tuner.model, tuner.adapted_blocks(), state_dict, prefix)
 
 
 _PEFT_PREFIX = "base_model.model."

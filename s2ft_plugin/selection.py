@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from .structure import Block
+from .structure import ROLES, Block
 
 
 def random_scores(block: Block, seed: int) -> torch.Tensor:
@@ -18,6 +18,21 @@ def seeded_scores(name: str, count: int, seed: int) -> torch.Tensor:
     """``count`` uniform scores drawn from ``seed`` and ``name`` alone."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
     return torch.rand(count, generator=generator)
+
+
+def selection_count(config, block: Block, role: str, module_key: str) -> int:
+    """How many of the block's units (query heads or channels) to select so that ``role``'s projection covers the count
+    its config gives it: the block's count, or the ``unit_pattern`` entry of ``module_key`` (key/value heads for
+    k/v_proj, selected as whole groups)."""
+    count = config.pattern_units(module_key)
+    if count is None:
+        return config.unit_count(block.kind, block.num_units)
+    axis = ROLES[role][2]
+    if count > block.axis_units(axis):
+        raise ValueError(
+            f"S2FTConfig.unit_pattern gives '{module_key}' {count} units but it has only {block.axis_units(axis)}."
+        )
+    return count * block.group_size if axis == "key_value" else count
 
 
 def select_units(block: Block, count: int, scores: torch.Tensor, order: str = "large") -> torch.Tensor:

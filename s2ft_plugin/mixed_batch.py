@@ -1,0 +1,96 @@
+"""Mixed-adapter batches: ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])``.
+
+PEFT's convention, as for LoRA: one adapter name per row of the batch, ``"__base__"`` for the base model. PeftModel
+hands its forward/generate arguments to the tuner's ``_enable_peft_forward_hooks`` and then drops PEFT's special
+arguments, so anything S2FT does not serve must be refused here or it is silently ignored. The names reach every S2FT
+layer (and ``modules_to_save`` wrapper) as a forward argument through pre-forward hooks; the layers refuse a batch
+of another length and merged adapters.
+
+``generate`` repeats each row ``num_beams``/``num_return_sequences`` times before decoding (and after encoding, for
+encoder-decoder models); the names follow the rows because the model's own expansion step repeats them too, whatever
+set the expansion (arguments, a ``GenerationConfig``, the model's default generation config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+from peft.utils.other import AuxiliaryTrainingWrapper
+
+from .layer import S2FTLayer
+
+# PeftModel's special forward arguments that S2FT has no use for: passing one raises instead of being dropped
+UNSUPPORTED_FORWARD_ARGS = {"alora_offsets": "aLoRA offsets apply to activated LoRA adapters only"}
+
+
+class _RowAdapters:
+    """The adapter of each row of the batch the model sees now."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def repeat(self, times: int) -> None:
+        self.names = [name for name in self.names for _ in range(times)]
+
+
+@contextlib.contextmanager
+def mixed_batch(tuner, kwargs: dict):
+    """While active, ``kwargs["adapter_names"]`` (if given) selects each row's adapter in every S2FT layer."""
+    for name, reason in UNSUPPORTED_FORWARD_ARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"S2FT models cannot honour `{name}`: {reason}.")
+    adapter_names = kwargs.get("adapter_names")
+    if adapter_names is None:
+        yield
+        return
+    _check_adapter_names(tuner, adapter_names)
+    rows = _RowAdapters(list(adapter_names))
+    handles = [
+        module.register_forward_pre_hook(partial(_pass_adapter_names, rows=rows), with_kwargs=True)
+        for module in tuner.model.modules()
+        if isinstance(module, (S2FTLayer, AuxiliaryTrainingWrapper))
+    ]
+    try:
+        with _names_follow_generation_expansion(tuner.model, rows):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_adapter_names(tuner, adapter_names) -> None:
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(name, str) for name in adapter_names):
+        raise TypeError(f"`adapter_names` must be a list with one adapter name per row, got {adapter_names!r}.")
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    known = {name for module in tuner.model.modules() if isinstance(module, S2FTLayer) for name in module.s2ft_delta}
+    unknown = sorted(set(adapter_names) - known - {"__base__"})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+
+
+def _pass_adapter_names(_module, args, kwargs, rows: _RowAdapters):
+    kwargs["adapter_names"] = rows.names
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def _names_follow_generation_expansion(model, rows: _RowAdapters):
+    """While active, the model's generation input expansion (transformers' ``_expand_inputs_for_generation``, which
+    repeats each row ``expand_size`` times) repeats the rows' adapter names the same way."""
+    original = getattr(model, "_expand_inputs_for_generation", None)
+    if original is None or "_expand_inputs_for_generation" in vars(model):
+        yield  # no expansion step to follow: a changed batch size is refused by the layers
+        return
+
+    def expand(expand_size: int = 1, *args, **kwargs):
+        result = original(expand_size, *args, **kwargs)
+        rows.repeat(expand_size)
+        return result
+
+    model._expand_inputs_for_generation = expand
+    try:
+        yield
+    finally:
+        del model._expand_inputs_for_generation

@@ -88,6 +88,23 @@ def test_mixed_adapter_batch_generate_follows_beams_and_return_sequences(tmp_pat
             assert torch.equal(mixed[rows], references[name].generate(input_ids=ids, **generate)[rows]), (options, name)
 
 
+def test_mixed_adapter_batches_on_a_model_that_flattens_its_tokens(tmp_path):
+    """OPT's FFN sees (batch x tokens, hidden) rows: each token still gets its row's adapter."""
+    model = s2ft(architecture="opt", num_heads=1)  # out_proj and fc2
+    torch.manual_seed(1)
+    model.add_adapter("other", S2FTConfig(target_modules=["fc1", "q_proj"], num_heads=2, seed=3, init_weights=False))
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 384, (3, 7), generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__", "default"]
+    mixed = logits(model.eval(), ids, adapter_names=names)
+    references = {"default": reference_model("opt", [tmp_path]), "other": reference_model("opt", [tmp_path / "other"]),
+                  "__base__": build_model("opt")}
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], logits(references[name], ids)[row], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(ids, adapter_names=names[:2])
+
+
 def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):
     model, _ = two_adapters(tmp_path)
     ids = torch.randint(3, 384, (2, 5))

@@ -6,6 +6,7 @@ import os
 from fractions import Fraction
 
 import pytest
+from datasets import Dataset
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -94,7 +95,7 @@ def test_gsm8k_generation_scores_a_model_whose_completions_are_known():
     references = ["#### 5", "#### 3", "#### 12", "#### 6", "#### 7"]
     completions = [" 2 + 3 = 5. The answer is: 5", " 4 - 1 = 3.\nThe answer is: 3", " I do not know.",
                    " The answer is: 7", " The answer is: 7"]
-    prompts = data.tokenize_prompts(data.Dataset.from_dict({"query": questions}), tokenizer, template, 256)
+    prompts = data.tokenize_prompts(Dataset.from_dict({"query": questions}), tokenizer, template, 256)
     model = ScriptedModel(tokenizer, {template.format(query=q): c for q, c in zip(questions, completions)})
     generated = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=64)
     assert generated == completions
@@ -248,7 +249,8 @@ def test_reported_commonsense_averages_match_their_per_task_numbers():
         for row in rows.values():
             assert set(row["accuracy"]) == set(commonsense_tasks.TASK_LABELS)
             assert abs(sum(row["accuracy"].values()) / 8 - row["average"]) <= 0.05
-    table = commonsense_run.comparison_table("meta-llama/Meta-Llama-3-8B", {t: 0.5 for t in commonsense_tasks.TASK_LABELS})
+    halves = {task: 0.5 for task in commonsense_tasks.TASK_LABELS}
+    table = commonsense_run.comparison_table("meta-llama/Meta-Llama-3-8B", halves)
     assert "| this run | 50.0 |" in table and "| LoRA r=32 (DoRA repo) | 70.8 |" in table and "| 80.8 |" in table
 
 

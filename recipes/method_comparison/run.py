@@ -1,6 +1,7 @@
 """Train one experiment folder on MetaMathQA, score GSM8K, and write a result JSON shaped like the published suite's.
 
-    python -m recipes.method_comparison.run recipes/method_comparison/experiments/s2ft/llama-3.2-3B-down_proj-ch107-lr_0.001
+    python -m recipes.method_comparison.run -v \
+        recipes/method_comparison/experiments/s2ft/llama-3.2-3B-down_proj-ch107-lr_0.001
 
 An experiment is ``experiments/<method>/<name>/`` holding a PEFT ``adapter_config.json`` (none: full fine-tuning) and
 optionally ``training_params.json``, whose keys replace those of ``default_training_params.json``. ``--model`` and
@@ -22,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
+import datasets
 import numpy as np
 import peft
 import torch
@@ -29,8 +31,7 @@ import transformers
 from peft import PeftConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-import s2ft_plugin  # noqa: F401  registers the PEFT type "S2FT"
-from s2ft_plugin import initialize_s2ft_selection
+from s2ft_plugin import initialize_s2ft_selection  # importing s2ft_plugin registers the PEFT type "S2FT"
 
 from ..generation import generate
 from . import answers, data
@@ -201,7 +202,8 @@ def train(model, tokenizer, config: TrainConfig, train_ids, valid_prompts, valid
     for step in range(1, config.max_steps + 1):
         tic = time.perf_counter()
         indices = next(batches)
-        batch = {k: v.to(device) for k, v in data.collate([train_ids[i] for i in indices], tokenizer.pad_token_id).items()}
+        batch = data.collate([train_ids[i] for i in indices], tokenizer.pad_token_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         if config.grad_norm_clip:
@@ -233,11 +235,7 @@ def train(model, tokenizer, config: TrainConfig, train_ids, valid_prompts, valid
 
 
 def package_info() -> dict[str, str]:
-    import datasets
-    import trl
-
-    return {f"{module.__name__}-version": module.__version__
-            for module in (torch, transformers, peft, datasets, trl)}
+    return {f"{module.__name__}-version": module.__version__ for module in (torch, transformers, peft, datasets)}
 
 
 def run(experiment: Experiment, sources: data.Sources, results_dir: str, log=lambda *_: None):
@@ -310,7 +308,8 @@ def parse_args(argv=None) -> tuple[Experiment, data.Sources, str, bool]:
     parser.add_argument("--gsm8k-train", help="local GSM8K training file (question, answer), for the validation sample")
     parser.add_argument("--gsm8k-test", help="local GSM8K test file (question, answer)")
     parser.add_argument("--forgetting-texts", help="local file of general text (text), for the forgetting metric")
-    parser.add_argument("--valid-size", type=int, default=data.VALID_SIZE, help="GSM8K questions scored during training")
+    parser.add_argument("--valid-size", type=int, default=data.VALID_SIZE,
+                        help="GSM8K questions scored during training")
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -325,9 +324,9 @@ def main(argv=None) -> dict:
     experiment, sources, results_dir, verbose = parse_args(argv)
     log = (lambda message: print(message, file=sys.stderr)) if verbose else (lambda *_: None)
     result, _ = run(experiment, sources, results_dir, log)
-    final = result["train_info"]["metrics"][-1]
-    print(f"{experiment.name}: test accuracy {final['test accuracy']:.4f}, train time "
-          f"{result['train_info']['train_time']:.0f} s, trainable params {result['train_info']['num_trainable_params']:,}")
+    info = result["train_info"]
+    print(f"{experiment.name}: test accuracy {info['metrics'][-1]['test accuracy']:.4f}, train time "
+          f"{info['train_time']:.0f} s, trainable params {info['num_trainable_params']:,}")
     return result
 
 

@@ -1,10 +1,11 @@
 """What the vLLM benchmarks share: the served model and its adapters (S2FT and LoRA of equal parameter count), engines
 started one after another in this process, and the byte counts the benchmarks report.
 
-The model's shape depends on vLLM's platform: on CPU a 4-layer Llama of hidden size 1024 in fp32 (a batch decode step
-takes tens of milliseconds), on CUDA an 8-layer one of hidden size 2048 in bf16. Either way one S2FT adapter (2 heads
-of o_proj, about 5% of the FFN channels of down_proj) holds about 2% of the base model's linear weights, the share a
-default S2FT adapter has in a 7-8B model.
+The model's shape depends on vLLM's platform: on CPU a 4-layer Llama of hidden size 1024 in fp32 (a decode step of the
+benchmark's batch takes tens of milliseconds), on CUDA a 4-layer one with Llama-7B's layer shapes in bf16. Either way
+one S2FT adapter (2 of 16 or 4 of 32 heads in o_proj, about 5% of the FFN channels in down_proj) holds about 2% of the
+base model's matrix weights, the share a default S2FT adapter has in a 7-8B model; on CUDA its k (550 channels)
+exceeds 512, the largest LoRA rank vLLM allows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 
 SHAPES = {
     "cpu": dict(hidden=1024, intermediate=2816, heads=16, layers=4, s2ft_heads=2, s2ft_channels=128, dtype="float32"),
-    "cuda": dict(hidden=2048, intermediate=5632, heads=16, layers=8, s2ft_heads=2, s2ft_channels=282,
+    "cuda": dict(hidden=4096, intermediate=11008, heads=32, layers=4, s2ft_heads=4, s2ft_channels=550,
                  dtype="bfloat16"),
 }
 TARGETS = ["o_proj", "down_proj"]  # S2FT's defaults; LoRA gets the same projections

@@ -3,6 +3,7 @@
 import json
 import shutil
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from s2ft_plugin.architectures import LLAMA_NAMES
 from s2ft_plugin.structure import ROLES
 from vllm_ext.adapter import SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
+from vllm_ext.convert import main as convert_main
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,56 @@ def test_converted_lora_merges_to_the_same_weights(checkpoints, name):
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink"])
+def test_converting_an_adapter_onto_itself_is_refused(checkpoints, tmp_path, capsys, spelling):
+    _, _, adapters = checkpoints
+    src = tmp_path / "adapter"
+    shutil.copytree(adapters["inputs"], src)
+    before = _folder_bytes(src)
+    dst = {"same": src, "dotdot": src / ".." / "adapter", "symlink": tmp_path / "link"}[spelling]
+    if spelling == "symlink":
+        dst.symlink_to(src, target_is_directory=True)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(src), str(dst)])
+    assert exit_info.value.code == 2
+    assert "is the S2FT adapter" in capsys.readouterr().err
+    assert _folder_bytes(src) == before  # still the S2FT adapter, byte for byte
+    assert {p.name for p in tmp_path.iterdir()} == ({"adapter", "link"} if spelling == "symlink" else {"adapter"})
+
+
+def test_a_failed_conversion_leaves_nothing_half_written(checkpoints, tmp_path, monkeypatch):
+    import vllm_ext.convert as convert
+
+    _, _, adapters = checkpoints
+    previous = tmp_path / "previous"
+    convert_s2ft_to_lora(adapters["outputs"], str(previous))  # an earlier conversion, to be overwritten
+    existing = tmp_path / "existing"
+    shutil.copytree(previous, existing)
+    before = _folder_bytes(existing)
+
+    def save_then_crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_file", save_then_crash)
+    for dst in (tmp_path / "new", existing):
+        with pytest.raises(OSError, match="disk full"):
+            convert_s2ft_to_lora(adapters["inputs"], str(dst))
+    assert not (tmp_path / "new").exists()
+    assert _folder_bytes(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "previous"]  # no staging folder left
+    monkeypatch.undo()
+    # a conversion that succeeds replaces the earlier one whole, like a conversion into a new folder
+    convert_s2ft_to_lora(adapters["inputs"], str(existing))
+    assert _folder_bytes(existing) == _folder_bytes(Path(convert_s2ft_to_lora(adapters["inputs"],
+                                                                              str(tmp_path / "fresh"))))
 
 
 def test_rank_is_padded_to_vllm_ranks_and_bounded():

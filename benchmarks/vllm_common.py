@@ -1,5 +1,5 @@
-"""What the vLLM benchmarks share: the served model and its adapters (S2FT and LoRA of equal parameter count), engines
-started one after another in this process, and the byte counts the benchmarks report.
+"""What the vLLM benchmarks share: the served model and its adapters (S2FT and LoRA of equal parameter count), engines,
+and the byte counts and bandwidth the benchmarks report.
 
 The model's shape depends on vLLM's platform: on CPU a 4-layer Llama of hidden size 1024 in fp32 (a decode step of the
 benchmark's batch takes tens of milliseconds), on CUDA a 4-layer one with Llama-7B's layer shapes in bf16. Either way
@@ -109,11 +109,13 @@ def save_adapters(base_dir: str, args, root: str, count: int) -> tuple[dict, dic
 
 
 def start_engine(base_dir: str, args, max_loras: int = 0, max_lora_rank: int = 0, **engine_args):
-    """An in-process vLLM engine (LoRA enabled when ``max_loras``); stop it with :func:`stop_engine`."""
+    """A vLLM engine (LoRA enabled when ``max_loras``); stop it with :func:`stop_engine`."""
     from vllm import LLM
 
     lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank) if max_loras else {}
-    return LLM(model=base_dir, dtype=args.dtype, seed=0, kv_cache_memory_bytes=1 << 30, **lora, **engine_args)
+    # up to three engines share one GPU: each may claim a quarter of its memory (the KV cache takes 1 GiB)
+    return LLM(model=base_dir, dtype=args.dtype, seed=0, kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.25,
+               **lora, **engine_args)
 
 
 def stop_engine(llm) -> None:
@@ -139,9 +141,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def worker_read_bandwidth(worker, device: str) -> float:
+    """:func:`read_bandwidth` in an engine's worker (``LLM.collective_rpc``), whose threads vLLM pins on CPU."""
+    return read_bandwidth(device)
+
+
 def read_bandwidth(device: str, megabytes: int = 512, repeats: int = 7) -> float:
-    """Bytes per second this process reads from memory (median of summing a buffer far larger than the caches).
-    On CPU, call it after an engine has started: vLLM pins its worker's threads, and this process is that worker."""
+    """Bytes per second this process reads from memory (median of summing a buffer far larger than the caches)."""
     buffer = torch.ones(megabytes << 18, dtype=torch.float32, device=device)
     buffer.sum()
     times = []

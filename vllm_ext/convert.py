@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, S2FTAdapter, S2FTModule, check_dims, read_s2ft_adapter
+from .validation import projection_dims
 
 # the values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -57,30 +58,12 @@ def lora_factors(module: S2FTModule, axis_size: int, rank: int) -> tuple[torch.T
     return lora_a, selector.t().contiguous()
 
 
-def projection_dims(config) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each projection S²FT can adapt, from a transformers config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden, inter = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (heads * head_dim, hidden),
-        "k_proj": (kv_heads * head_dim, hidden),
-        "v_proj": (kv_heads * head_dim, hidden),
-        "o_proj": (hidden, heads * head_dim),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
-
-
-def check_against_config(adapter: S2FTAdapter, config, max_rank: int = VLLM_LORA_RANKS[-1]) -> tuple[int, dict]:
-    """Refuse an adapter that does not fit the model of ``config`` (a transformers config) or needs a rank above
-    ``max_rank``; return the padded rank and each module's indexed axis size (what its one-hot factor spans).
+def check_against_config(adapter: S2FTAdapter, config) -> tuple[int, dict]:
+    """Refuse an adapter that does not fit the model of ``config`` (a transformers config); return the padded rank
+    and each module's indexed axis size (what its one-hot factor spans).
     """
     dims = projection_dims(config)
-    rank = lora_rank(adapter.max_k, max_rank)
+    rank = lora_rank(adapter.max_k)
     axis_sizes = {}
     for path, module in adapter.modules.items():
         out_features, in_features = dims[path.rpartition(".")[2]]

@@ -2,8 +2,9 @@
 model, each beside the limit worked out from the shapes, in one process.
 
 Three engines (vLLM's default engine-core processes) serve side by side: the base model with LoRA disabled, an S2FT
-engine and a LoRA engine, each of the last two with ``max_loras`` = the largest count (no count evicts an adapter) and
-the smallest ``max_lora_rank`` its adapters allow. Every configuration generates the same batch: ``--requests``
+engine and a LoRA engine, each of the last two with ``max_loras`` = the largest count (no count evicts an adapter).
+The S2FT engine's S2FT buffers hold exactly the adapters' k (``VLLM_S2FT_MAX_K``) and its LoRA buffers vLLM's
+smallest rank; the LoRA engine has the smallest ``max_lora_rank`` its adapters allow and no S2FT buffers. Every configuration generates the same batch: ``--requests``
 prompts of ``--prompt-tokens`` tokens, ``--max-tokens`` greedy tokens each (``ignore_eos``), all decoding together,
 assigned round-robin to the adapters; each adapter engine also serves it as base-model requests (what enabling LoRA
 costs by itself). A short warm-up batch per configuration loads its adapters; then ``--repeats`` rounds run one batch
@@ -46,7 +47,8 @@ from vllm_common import (
     folder_bytes,
     parse,
     worker_read_bandwidth,
-    s2ft_engine_rank,
+    S2FT_ENGINE_RANK,
+    s2ft_max_k,
     save_adapters,
     save_base,
     start_engine,
@@ -115,11 +117,12 @@ def main():
         base_parameters = base_linear_parameters(base_dir)
         served_bytes = {method: adapter_read_bytes(folders[method][0], args.dtype) for method in METHODS}
         disk_bytes = {method: folder_bytes(folders[method][0]) for method in METHODS}
-        ranks = {"s2ft": s2ft_engine_rank(folders["s2ft"][0]), "lora": lora_rank(parameters["lora_rank"])}
+        ranks = {"s2ft": S2FT_ENGINE_RANK, "lora": lora_rank(parameters["lora_rank"])}
+        max_k = {"s2ft": s2ft_max_k(folders["s2ft"][0]), "lora": "0"}
         engines = {"base": start_engine(base_dir, args, **engine_shape(args))}
-        for method in METHODS:
+        for method in ("lora", "s2ft"):  # the S2FT engine last: its setting stays for the front end's checks
             engines[method] = start_engine(base_dir, args, max_loras=max(COUNTS), max_lora_rank=ranks[method],
-                                           **engine_shape(args))
+                                           s2ft_max_k=max_k[method], **engine_shape(args))
         bandwidth = engines["base"].collective_rpc(worker_read_bandwidth, args=(args.platform,))[0]
         # (engine, adapters) -> the batch's requests; 0 adapters: base-model requests
         batches = {("base", 0): [None] * args.requests}
@@ -154,7 +157,7 @@ def main():
     for method, label in (("s2ft", "S2FT"), ("lora", f"LoRA r={parameters['lora_rank']}")):
         print(f"{label} adapter: {parameters[method]:,} parameters ({parameters[method] / base_parameters:.1%} of the "
               f"base), {served_bytes[method] / mib:.2f} MiB as served, {disk_bytes[method] / mib:.2f} MiB on disk; "
-              f"engine max_lora_rank {ranks[method]}")
+              f"engine max_lora_rank {ranks[method]}, VLLM_S2FT_MAX_K={max_k[method]}")
     print("\n| adapters | configuration | tokens/s | vs base | vs LoRA | limit (tokens/s) | of limit |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| 0 | base model, LoRA disabled | {base_rate:.1f} | 1.00x | | | |")

@@ -1,5 +1,5 @@
-"""What the vLLM benchmarks share: the served model and its adapters (S2FT and LoRA of equal parameter count), engines
-started one after another in this process, and the byte counts the benchmarks report.
+"""What the vLLM benchmarks share: the served model and its adapters (S2FT and LoRA of equal parameter count), engines,
+and the byte counts and bandwidth the benchmarks report.
 
 The model's shape depends on vLLM's platform: on CPU a 4-layer Llama of hidden size 1024 in fp32 (a decode step of the
 benchmark's batch takes tens of milliseconds), on CUDA a 4-layer one with Llama-7B's layer shapes in bf16. Either way
@@ -108,12 +108,20 @@ def save_adapters(base_dir: str, args, root: str, count: int) -> tuple[dict, dic
     return folders, parameters
 
 
-def start_engine(base_dir: str, args, max_loras: int = 0, max_lora_rank: int = 0, **engine_args):
-    """An in-process vLLM engine (LoRA enabled when ``max_loras``); stop it with :func:`stop_engine`."""
+def start_engine(base_dir: str, args, max_loras: int = 0, max_lora_rank: int = 0, s2ft_max_k: str = "0",
+                 **engine_args):
+    """A vLLM engine (LoRA enabled when ``max_loras``) whose S2FT buffers hold ``s2ft_max_k`` (a
+    ``VLLM_S2FT_MAX_K`` value; "0": none, as a LoRA-only deployment). The setting stays in this process's
+    environment, where the front end checks S2FT requests against it: start the S2FT engine last."""
     from vllm import LLM
 
+    from vllm_ext.capacity import SETTING
+
+    os.environ[SETTING] = s2ft_max_k
     lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank) if max_loras else {}
-    return LLM(model=base_dir, dtype=args.dtype, seed=0, kv_cache_memory_bytes=1 << 30, **lora, **engine_args)
+    # up to three engines share one GPU: each may claim a quarter of its memory (the KV cache takes 1 GiB)
+    return LLM(model=base_dir, dtype=args.dtype, seed=0, kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.25,
+               **lora, **engine_args)
 
 
 def stop_engine(llm) -> None:
@@ -125,13 +133,20 @@ def stop_engine(llm) -> None:
     cleanup_dist_env_and_memory()
 
 
-def s2ft_engine_rank(adapter_dir: str) -> int:
-    """The ``max_lora_rank`` an engine serving this S2FT adapter needs (the gather path keeps deltas in LoRA's
-    stacked buffers, so it must hold the adapter's k)."""
-    from vllm_ext.adapter import read_s2ft_adapter
-    from vllm_ext.convert import lora_rank
+# S2FT slots have buffers of their own, so an engine serving only S2FT needs vLLM's smallest LoRA rank
+S2FT_ENGINE_RANK = 1
 
-    return lora_rank(read_s2ft_adapter(adapter_dir).max_k)
+
+def s2ft_max_k(adapter_dir: str) -> str:
+    """The ``VLLM_S2FT_MAX_K`` value that gives each projection of this adapter exactly its k (the benchmarks'
+    adapters all have the same k)."""
+    from vllm_ext.adapter import read_s2ft_adapter
+
+    needed = {}
+    for path, module in read_s2ft_adapter(adapter_dir).modules.items():
+        projection = path.rpartition(".")[2]
+        needed[projection] = max(needed.get(projection, 0), module.k)
+    return ",".join(f"{projection}={k}" for projection, k in sorted(needed.items()))
 
 
 def synchronize() -> None:
@@ -139,9 +154,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def worker_read_bandwidth(worker, device: str) -> float:
+    """:func:`read_bandwidth` in an engine's worker (``LLM.collective_rpc``), whose threads vLLM pins on CPU."""
+    return read_bandwidth(device)
+
+
 def read_bandwidth(device: str, megabytes: int = 512, repeats: int = 7) -> float:
-    """Bytes per second this process reads from memory (median of summing a buffer far larger than the caches).
-    On CPU, call it after an engine has started: vLLM pins its worker's threads, and this process is that worker."""
+    """Bytes per second this process reads from memory (median of summing a buffer far larger than the caches)."""
     buffer = torch.ones(megabytes << 18, dtype=torch.float32, device=device)
     buffer.sum()
     times = []

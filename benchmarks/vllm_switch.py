@@ -1,8 +1,10 @@
 """Time to bring an adapter into a vLLM adapter slot, from disk and from vLLM's CPU-side LoRA cache, S2FT vs LoRA of
 equal parameter count, with the adapter's bytes on disk, in that cache and in a slot; in one process.
 
-Each method gets its own in-process engine with one slot (``max_loras=1``), a CPU cache that holds all its adapters
-(``max_cpu_loras``) and the smallest ``max_lora_rank`` they allow. What is timed is the call vLLM makes when a request
+Each method gets its own in-process engine with one slot (``max_loras=1``) and a CPU cache that holds all its adapters
+(``max_cpu_loras``): the S2FT engine with S2FT buffers of exactly the adapters' k (``VLLM_S2FT_MAX_K``) and LoRA
+buffers of vLLM's smallest rank, the LoRA engine with the smallest ``max_lora_rank`` its adapters allow and no S2FT
+buffers. What is timed is the call vLLM makes when a request
 names an adapter that is not in a slot, ``WorkerLoRAManager.add_adapter`` (also behind ``LLM.llm_engine.add_lora``),
 run inside the worker through ``collective_rpc`` with the device synchronised before the clock stops:
 
@@ -22,6 +24,7 @@ divided by ``max_loras``), which every slot costs whoever fills it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -35,7 +38,8 @@ from vllm_common import (
     describe,
     folder_bytes,
     parse,
-    s2ft_engine_rank,
+    S2FT_ENGINE_RANK,
+    s2ft_max_k,
     save_adapters,
     save_base,
     start_engine,
@@ -75,9 +79,12 @@ def _timed_add(worker, request) -> float:
 
 
 def _tensor_bytes(values, seen: set) -> int:
-    """Bytes of the distinct storages among ``values`` and the tensors their lists, tuples and dicts hold."""
+    """Bytes of the distinct storages among ``values`` and the tensors their lists, tuples, dicts and dataclasses
+    hold."""
     total = 0
     for value in values:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = vars(value)
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             if storage.data_ptr() not in seen:
@@ -106,12 +113,12 @@ def _slot_bytes(worker) -> int:
     return _tensor_bytes(held, seen) // manager.lora_slots
 
 
-def switch_times(base_dir: str, folders: list, max_lora_rank: int, args) -> tuple[dict, int, int]:
+def switch_times(base_dir: str, folders: list, max_lora_rank: int, max_k: str, args) -> tuple[dict, int, int]:
     """({kind: median seconds}, cached bytes of one adapter, slot bytes) on a fresh one-slot engine."""
     from vllm.lora.request import LoRARequest
 
-    llm = start_engine(base_dir, args, max_loras=1, max_lora_rank=max_lora_rank, max_cpu_loras=len(folders),
-                       max_model_len=64, max_num_seqs=4)
+    llm = start_engine(base_dir, args, max_loras=1, max_lora_rank=max_lora_rank, s2ft_max_k=max_k,
+                       max_cpu_loras=len(folders), max_model_len=64, max_num_seqs=4)
     requests = [LoRARequest(os.path.basename(path), i + 1, path) for i, path in enumerate(folders)]
 
     def add(request) -> float:
@@ -143,9 +150,11 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         base_dir = save_base(args, root)
         folders, parameters = save_adapters(base_dir, args, root, args.adapters)
-        ranks = {"s2ft": s2ft_engine_rank(folders["s2ft"][0]), "lora": lora_rank(parameters["lora_rank"])}
+        ranks = {"s2ft": S2FT_ENGINE_RANK, "lora": lora_rank(parameters["lora_rank"])}
+        max_k = {"s2ft": s2ft_max_k(folders["s2ft"][0]), "lora": "0"}
         disk = {method: folder_bytes(folders[method][0]) for method in ranks}
-        results = {method: switch_times(base_dir, folders[method], ranks[method], args) for method in ranks}
+        results = {method: switch_times(base_dir, folders[method], ranks[method], max_k[method], args)
+                   for method in ranks}
 
     mib, ms = 2**20, 1e3
     print(f"\n{date.today()}, {describe(args)}")
@@ -156,7 +165,8 @@ def main():
     print("| --- |" + " ---: |" * (4 + len(KINDS)))
     for method, label in (("s2ft", "S2FT"), ("lora", f"LoRA r={parameters['lora_rank']}")):
         times, cached, slot = results[method]
-        print(f"| {label} (max_lora_rank {ranks[method]}) | {parameters[method]:,} | {disk[method] / mib:.2f} | "
+        print(f"| {label} (max_lora_rank {ranks[method]}, VLLM_S2FT_MAX_K={max_k[method]}) | {parameters[method]:,} | "
+              f"{disk[method] / mib:.2f} | "
               f"{cached / mib:.2f} | {slot / mib:.2f} | " + " | ".join(f"{times[kind] * ms:.2f}" for kind in KINDS)
               + " |")
     ratios = ", ".join(f"{kind} {results['s2ft'][0][kind] / results['lora'][0][kind]:.2f}x" for kind in KINDS)

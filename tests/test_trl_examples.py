@@ -45,6 +45,16 @@ def adapter(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
+def test_learning_rate_defaults_to_the_papers_not_trls_and_yaml_then_cli_override_it(tmp_path):
+    parse = example().make_parser().parse_args_and_config
+    config = tmp_path / "lr.yaml"
+    config.write_text("learning_rate: 5.0e-4\n")
+    out = ["--output_dir", str(tmp_path), "--use_cpu"]
+    assert parse(args=out)[1].learning_rate == 2e-4  # TRL's SFTConfig default is 2e-5
+    assert parse(args=["--config", str(config), *out])[1].learning_rate == 5e-4
+    assert parse(args=["--config", str(config), "--learning_rate", "1e-3", *out])[1].learning_rate == 1e-3
+
+
 def test_cli_with_the_yaml_config_trains_and_saves_an_adapter(tmp_path):
     out = str(tmp_path / "run")
     run_cli("--config", "trl_examples/sft_s2ft.yaml", "--output_dir", out, "--max_steps", "2",

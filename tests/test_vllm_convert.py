@@ -3,34 +3,45 @@
 import json
 import shutil
 import typing
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-from vllm_support import ADAPTERS, build_checkpoints
+from vllm_support import build_checkpoints
 
 from s2ft_plugin.architectures import LLAMA_NAMES
 from s2ft_plugin.structure import ROLES
-from vllm_ext.adapter import SIDES, MalformedS2FTAdapter, read_s2ft_adapter
+from vllm_ext.adapter import EXPERT_DELTAS, PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
+from vllm_ext.convert import main as convert_main
+
+
+CONVERTED = ["inputs", "outputs", "both"]  # k within vLLM's LoRA ranks
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_convert")
-    return root, *build_checkpoints(root)
+    return root, *build_checkpoints(root, CONVERTED)
 
 
 def test_tables_match_their_sources():
     from vllm.config.lora import MaxLoRARanks
 
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    from s2ft_plugin.moe import DELTAS
+
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
     assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
+    assert {packed: list(names) for packed, names in PACKED.items()} == LlamaForCausalLM.packed_modules_mapping
+    assert set(EXPERT_DELTAS) == set(DELTAS.values())
 
 
-@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize("name", CONVERTED)
 def test_converted_lora_merges_to_the_same_weights(checkpoints, name):
     root, base_dir, adapters = checkpoints
     lora_dir = convert_s2ft_to_lora(adapters[name], str(root / f"lora_{name}"))
@@ -46,6 +57,56 @@ def test_converted_lora_merges_to_the_same_weights(checkpoints, name):
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink"])
+def test_converting_an_adapter_onto_itself_is_refused(checkpoints, tmp_path, capsys, spelling):
+    _, _, adapters = checkpoints
+    src = tmp_path / "adapter"
+    shutil.copytree(adapters["inputs"], src)
+    before = _folder_bytes(src)
+    dst = {"same": src, "dotdot": src / ".." / "adapter", "symlink": tmp_path / "link"}[spelling]
+    if spelling == "symlink":
+        dst.symlink_to(src, target_is_directory=True)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(src), str(dst)])
+    assert exit_info.value.code == 2
+    assert "is the S2FT adapter" in capsys.readouterr().err
+    assert _folder_bytes(src) == before  # still the S2FT adapter, byte for byte
+    assert {p.name for p in tmp_path.iterdir()} == ({"adapter", "link"} if spelling == "symlink" else {"adapter"})
+
+
+def test_a_failed_conversion_leaves_nothing_half_written(checkpoints, tmp_path, monkeypatch):
+    import vllm_ext.convert as convert
+
+    _, _, adapters = checkpoints
+    previous = tmp_path / "previous"
+    convert_s2ft_to_lora(adapters["outputs"], str(previous))  # an earlier conversion, to be overwritten
+    existing = tmp_path / "existing"
+    shutil.copytree(previous, existing)
+    before = _folder_bytes(existing)
+
+    def save_then_crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "save_file", save_then_crash)
+    for dst in (tmp_path / "new", existing):
+        with pytest.raises(OSError, match="disk full"):
+            convert_s2ft_to_lora(adapters["inputs"], str(dst))
+    assert not (tmp_path / "new").exists()
+    assert _folder_bytes(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "previous"]  # no staging folder left
+    monkeypatch.undo()
+    # a conversion that succeeds replaces the earlier one whole, like a conversion into a new folder
+    convert_s2ft_to_lora(adapters["inputs"], str(existing))
+    assert _folder_bytes(existing) == _folder_bytes(Path(convert_s2ft_to_lora(adapters["inputs"],
+                                                                              str(tmp_path / "fresh"))))
 
 
 def test_rank_is_padded_to_vllm_ranks_and_bounded():
@@ -70,7 +131,7 @@ MALFORMED = {
     "float indices": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", torch.Tensor.float), "1-D integer"),
     "duplicates": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", lambda i: i.clone().fill_(3)), "duplicates"),
     "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), "negative"),
-    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()), "k=13"),
+    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()), "with k=51"),
     "nan": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d * float("nan")), "NaN"),
 }
 
@@ -131,7 +192,7 @@ def test_base_tokens_get_no_adapter_in_a_full_lora_batch():
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from vllm_ext.punica import BaseSafePunicaWrapperCPU
+    from vllm_ext.punica import S2FTPunicaWrapperCPU
 
     torch.manual_seed(0)
     slots, rank, width = 2, 4, 8
@@ -140,12 +201,24 @@ def test_base_tokens_get_no_adapter_in_a_full_lora_batch():
     x = torch.randn(4, width)
     mapping = LoRAMapping(index_mapping=(1, 0, 2, 0), prompt_mapping=(1, 0, 2, 0), is_prefill=True)
     outputs = {}
-    for cls in (PunicaWrapperCPU, BaseSafePunicaWrapperCPU):
+    for cls in (PunicaWrapperCPU, S2FTPunicaWrapperCPU):
         wrapper = cls(max_num_batched_tokens=8, max_batches=4, device="cpu")
         wrapper.update_metadata(mapping, [1, 2], slots + 1, 16)
         outputs[cls] = torch.zeros(4, width)
         wrapper.add_lora_linear(outputs[cls], x, lora_a, lora_b, 1.0, (width,))
     expected = torch.stack([x[i] @ lora_a[0][s, 0].t() @ lora_b[0][s, 0].t() if s >= 0 else torch.zeros(width)
                             for i, s in enumerate((0, -1, 1, -1))])
-    torch.testing.assert_close(outputs[BaseSafePunicaWrapperCPU], expected)
+    torch.testing.assert_close(outputs[S2FTPunicaWrapperCPU], expected)
     assert not torch.allclose(outputs[PunicaWrapperCPU], expected)  # vLLM's own: base rows get the last slot
+
+
+def test_moe_expert_deltas_are_refused_by_name(tmp_path):
+    from peft import get_peft_model
+
+    from s2ft_plugin import S2FTConfig
+    from s2ft_plugin.tiny import build_model
+
+    model = get_peft_model(build_model("mixtral"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(MalformedS2FTAdapter, match=r"experts\.s2ft_down_delta' is an MoE expert delta; vLLM's LoRA"):
+        read_s2ft_adapter(str(tmp_path))

@@ -1,33 +1,51 @@
-"""Shared by the vLLM tests: a tiny Llama on disk, S2FT adapters that change its greedy tokens, and their reference
-outputs from the HF model with the adapter merged by PEFT (independent of vllm_ext)."""
+"""Shared by the vLLM tests: a tiny Llama on disk, S2FT and LoRA adapters that change its greedy tokens, and their
+reference outputs from the HF model with the adapter merged by PEFT (independent of vllm_ext)."""
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_tokenizer, save_checkpoint
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# input side only (the default targets), output side only (vLLM's packed qkv_proj/gate_up_proj), and both
-ADAPTERS = {
+MODEL = dict(hidden_size=128, intermediate_size=1024)  # 4 heads of 32 (vLLM's CPU attention needs head_dim >= 32)
+# k per projection differs across adapters, up to 1024 (every FFN channel): input side only (the default targets),
+# output side only (vLLM's packed qkv_proj/gate_up_proj), and both
+S2FT_ADAPTERS = {
     "inputs": dict(seed=1),
     "outputs": dict(target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], num_heads=1,
                     channel_ratio=0.1, seed=2),
     "both": dict(target_modules=ALL, num_heads=2, num_channels=16, permute=False, seed=3),
+    "down600": dict(num_heads=2, num_channels=600, seed=4),
+    "down1024": dict(num_heads=1, num_channels=1024, seed=5),
+    "gate_up700": dict(target_modules=["gate_proj", "up_proj"], num_channels=700, seed=6),
+    "attention": dict(target_modules=["q_proj", "o_proj"], num_heads=4, seed=7),
+    "ffn520": dict(target_modules=["gate_proj", "up_proj", "down_proj"], num_channels=520, seed=8),
+    "down8": dict(target_modules=["down_proj"], num_channels=8, seed=9),
+    "wide": dict(target_modules=ALL, num_heads=3, num_channels=300, seed=10),
 }
-MAX_LORA_RANK = 64  # "both" selects 2 heads of 32 columns
+LORA_ADAPTERS = {
+    "lora8": dict(r=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    "lora16": dict(r=16, target_modules=ALL),
+}
+MAX_K = 1024  # VLLM_S2FT_MAX_K of the test engines
+MAX_LORA_RANK = 16
 PROMPTS = ["The quick brown", "Question: what is two", "Adapters fuse by", "0123456789 +"]
 MAX_TOKENS = 8
 
 
-def build_checkpoints(root) -> tuple[str, dict]:
-    """(base model folder, {adapter name: S2FT adapter folder}) under ``root``."""
-    base_dir = save_checkpoint(str(root / "base"), "llama")
+def build_checkpoints(root, names=None, **model_overrides) -> tuple[str, dict]:
+    """(base model folder, {adapter name: adapter folder}) under ``root``, for ``names`` (default: every adapter)."""
+    base_dir = save_checkpoint(str(root / "base"), "llama", **MODEL, **model_overrides)
     adapters = {}
-    for name, spec in ADAPTERS.items():
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                               S2FTConfig(task_type="CAUSAL_LM", init_weights=False, **spec))
+    for name in names or [*S2FT_ADAPTERS, *LORA_ADAPTERS]:
+        if name in S2FT_ADAPTERS:
+            config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, **S2FT_ADAPTERS[name])
+        else:
+            config = LoraConfig(task_type="CAUSAL_LM", lora_alpha=16, init_lora_weights=False, **LORA_ADAPTERS[name])
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
         adapters[name] = str(root / name)
         model.save_pretrained(adapters[name])
     return base_dir, adapters
@@ -39,23 +57,50 @@ def prompt_ids() -> list[list[int]]:
 
 
 @torch.no_grad()
-def reference(base_dir, adapter_dir=None) -> list[tuple[list[int], float]]:
-    """(greedy tokens, logprob of the first one) per prompt, from the HF model with the adapter merged."""
+def reference(base_dir, adapter_dir=None) -> list[tuple[list[int], float, list[float]]]:
+    """(greedy tokens, logprob of the first one, each step's logprob gap to the runner-up) per prompt, from the HF
+    model with the adapter merged."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     results = []
     for ids in prompt_ids():
-        tokens = []
+        tokens, gaps = [], []
         sequence = torch.tensor([ids])
         first_logprob = None
         for _ in range(MAX_TOKENS):
             logprobs = model(sequence).logits[0, -1].float().log_softmax(-1)
-            token = int(logprobs.argmax())
-            first_logprob = float(logprobs[token]) if first_logprob is None else first_logprob
+            top = logprobs.topk(2)
+            token = int(top.indices[0])
+            first_logprob = float(top.values[0]) if first_logprob is None else first_logprob
             tokens.append(token)
+            gaps.append(float(top.values[0] - top.values[1]))
             if token == model.config.eos_token_id:
                 break
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
-        results.append((tokens, first_logprob))
+        results.append((tokens, first_logprob, gaps))
     return results
+
+
+def generate(llm, requests, max_tokens=MAX_TOKENS):
+    """(greedy tokens, first-token logprob) of prompt ``i % len(PROMPTS)`` for each LoRARequest (or None)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = prompt_ids()
+    prompts = [TokensPrompt(prompt_token_ids=ids[i % len(ids)]) for i in range(len(requests))]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1)
+    outputs = llm.generate(prompts, params, lora_request=list(requests), use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob)
+            for o in outputs]
+
+
+def expected(references, names):
+    """The reference of request ``i`` (adapter ``names[i]``, None for the base model, prompt ``i % len(PROMPTS)``)."""
+    return [references[name][i % len(PROMPTS)] for i, name in enumerate(names)]
+
+
+def assert_matches(got, want, atol=1e-4):
+    """Same greedy tokens, first-token logprobs within ``atol`` (float32: rounding only)."""
+    assert [tokens for tokens, _ in got] == [reference[0] for reference in want]
+    torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.tensor([reference[1] for reference in want]),
+                               rtol=0, atol=atol)

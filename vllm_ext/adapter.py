@@ -29,6 +29,10 @@ SIDES = {
     "o_proj": "input",
     "down_proj": "input",
 }
+# vLLM's packed modules -> the projections in their slices, in slice order
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# tensors of S2FT on fused MoE experts (s2ft_plugin.moe.DELTAS)
+EXPERT_DELTAS = ("s2ft_down_delta", "s2ft_gate_delta", "s2ft_up_delta")
 
 
 class MalformedS2FTAdapter(ValueError):
@@ -88,6 +92,11 @@ def read_s2ft_adapter(path: str) -> S2FTAdapter:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, kind = key.removeprefix(PREFIX).rpartition(".")
+        if kind in EXPERT_DELTAS:
+            raise MalformedS2FTAdapter(
+                f"{where}: {key!r} is an MoE expert delta; vLLM's LoRA layers do not serve S2FT on fused experts. "
+                "Serve the merged model (PeftModel.merge_and_unload) instead."
+            )
         if kind not in ("s2ft_indices", "s2ft_delta"):
             raise MalformedS2FTAdapter(
                 f"{where}: unexpected tensor {key!r}; an S2FT adapter holds only <module>.s2ft_indices and "

@@ -1,21 +1,28 @@
-"""Exact S²FT -> LoRA conversion: the path that works on any LoRA server.
+"""Exact S²FT -> LoRA conversion: an export for LoRA servers without this plugin (serving never uses it).
 
 An S²FT delta is a rank-k LoRA whose one factor is a one-hot selector: ``x[:, S] D^T = (x E^T) D^T`` with
 ``E[j, S_j] = 1`` (input side), and ``y[:, S] += x D^T`` is ``y += (x D^T) E`` (output side). With ``lora_alpha = r``
 the LoRA scaling is 1, so the converted adapter is exact; k is zero-padded to one of vLLM's allowed ranks.
 
     python -m vllm_ext.convert SRC DST [--base-model DIR]
+
+DST must not be SRC (however it is spelled). The LoRA folder is written into a staging folder beside DST first: a
+new DST appears whole or not at all; an existing DST gets each file replaced by an atomic rename.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import uuid
 
 import torch
 from safetensors.torch import save_file
 
-from .adapter import PREFIX, WEIGHTS_NAME, S2FTAdapter, S2FTModule, check_dims, read_s2ft_adapter
+from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, S2FTAdapter, S2FTModule, check_dims, read_s2ft_adapter
+from .validation import projection_dims
 
 # the values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -51,30 +58,12 @@ def lora_factors(module: S2FTModule, axis_size: int, rank: int) -> tuple[torch.T
     return lora_a, selector.t().contiguous()
 
 
-def projection_dims(config) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each projection S²FT can adapt, from a transformers config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden, inter = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (heads * head_dim, hidden),
-        "k_proj": (kv_heads * head_dim, hidden),
-        "v_proj": (kv_heads * head_dim, hidden),
-        "o_proj": (hidden, heads * head_dim),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
-
-
-def check_against_config(adapter: S2FTAdapter, config, max_rank: int = VLLM_LORA_RANKS[-1]) -> tuple[int, dict]:
-    """Refuse an adapter that does not fit the model of ``config`` (a transformers config) or needs a rank above
-    ``max_rank``; return the padded rank and each module's indexed axis size (what its one-hot factor spans).
+def check_against_config(adapter: S2FTAdapter, config) -> tuple[int, dict]:
+    """Refuse an adapter that does not fit the model of ``config`` (a transformers config); return the padded rank
+    and each module's indexed axis size (what its one-hot factor spans).
     """
     dims = projection_dims(config)
-    rank = lora_rank(adapter.max_k, max_rank)
+    rank = lora_rank(adapter.max_k)
     axis_sizes = {}
     for path, module in adapter.modules.items():
         out_features, in_features = dims[path.rpartition(".")[2]]
@@ -94,6 +83,7 @@ def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> s
     from peft import LoraConfig
     from transformers import AutoConfig
 
+    _check_output(src, dst)
     adapter = read_s2ft_adapter(src)
     base_model = base_model or adapter.config.get("base_model_name_or_path")
     if not base_model:
@@ -113,10 +103,42 @@ def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> s
         base_model_name_or_path=adapter.config.get("base_model_name_or_path") or base_model,
         inference_mode=True,
     )
-    os.makedirs(dst, exist_ok=True)
-    config.save_pretrained(dst)
-    save_file(tensors, os.path.join(dst, WEIGHTS_NAME), metadata={"format": "pt"})
+    with _staged(dst) as staging:
+        config.save_pretrained(staging)
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
     return dst
+
+
+def _check_output(src: str, dst: str) -> None:
+    """Refuse an output that is a file, or the source itself (writing the LoRA form over its own S²FT source would
+    destroy the adapter), whatever links or ``..`` spell it."""
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"The output {dst!r} is a file; name a folder (new or existing) for the LoRA adapter.")
+    same = os.path.realpath(src) == os.path.realpath(dst)
+    if not same and os.path.exists(src) and os.path.exists(dst):
+        same = os.path.samefile(src, dst)
+    if same:
+        raise ValueError(f"The output folder {dst!r} is the S2FT adapter {src!r} itself; converting in place would "
+                         "replace the adapter with its LoRA form. Name another output folder.")
+
+
+@contextlib.contextmanager
+def _staged(dst: str):
+    """A staging folder beside ``dst`` whose files move into ``dst`` only when the block succeeds."""
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(dst)}.converting-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)  # not tempfile.mkdtemp: its 0700 mode would stay on a DST made by renaming the staging folder
+    try:
+        yield staging
+        if not os.path.exists(dst):
+            os.rename(staging, dst)
+            return
+        for name in sorted(os.listdir(staging), key=lambda name: name == CONFIG_NAME):  # the config last
+            os.replace(os.path.join(staging, name), os.path.join(dst, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv=None) -> None:
@@ -125,7 +147,10 @@ def main(argv=None) -> None:
     parser.add_argument("dst", help="output folder for the PEFT LoRA adapter")
     parser.add_argument("--base-model", help="base model folder or id (default: the adapter's base_model_name_or_path)")
     args = parser.parse_args(argv)
-    print(convert_s2ft_to_lora(args.src, args.dst, args.base_model))
+    try:
+        print(convert_s2ft_to_lora(args.src, args.dst, args.base_model))
+    except ValueError as error:  # a refused folder pair, a malformed adapter, one that does not fit the base model
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

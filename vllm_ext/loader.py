@@ -2,8 +2,8 @@
 
 Every way vLLM loads an adapter (offline ``LoRARequest``, ``--lora-modules``, ``/v1/load_lora_adapter``) ends in
 ``WorkerLoRAManager._load_adapter`` in the worker process, so that is the one place an S²FT folder is recognised.
-Modules whose vLLM layer can gather (``layers.GATHER_LAYERS``) get the compact form (indices instead of the one-hot
-factor); any other layer gets the exact one-hot LoRA factors.
+Each module becomes a LoRA pair whose one-hot factor is replaced by its 1-D integer indices, which only the S²FT
+layers (``vllm_ext.layers``) accept; a module whose layer has no S²FT buffers is refused, never converted.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.utils import parse_fine_tuned_lora_name
 
 from .adapter import PREFIX, check_dims, read_s2ft_adapter
-from .convert import lora_factors, lora_rank
+from .capacity import SETTING, check_capacity, max_k_per_projection
 from .layers import S2FTLayerMixin
 
 
@@ -22,7 +22,7 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
     manager = worker_manager._adapter_manager
     lora_config = worker_manager.lora_config
     adapter = read_s2ft_adapter(path)
-    rank = lora_rank(adapter.max_k, lora_config.max_lora_rank)
+    check_capacity(adapter, max_k_per_projection())
     mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
     owners = _layer_owners(manager)
@@ -37,6 +37,12 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
                 "the engine restricts LoRA targets (--lora-target-modules)."
             )
         layer, slice_index = owners[name]
+        if not isinstance(layer, S2FTLayerMixin) or layer.s2ft_slices[slice_index or 0] is None:
+            raise ValueError(
+                f"{where}: vLLM serves this projection with {type(layer).__name__}, which has no S2FT buffers for it "
+                f"(S2FT serves q/k/v/gate/up_proj slices of qkv_proj/gate_up_proj and o_proj/down_proj, with "
+                f"{SETTING} naming the projection)."
+            )
         out_features, in_features = _dims(layer, slice_index)
         if module.side == "input":
             axis_size, projection_dim = in_features, out_features
@@ -44,13 +50,9 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
             axis_size, projection_dim = out_features, in_features
         check_dims(where, module, axis_size, projection_dim)
         delta = module.delta.to(lora_config.lora_dtype)
-        if isinstance(layer, S2FTLayerMixin):
-            lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
-        else:
-            lora_a, lora_b = lora_factors(module, axis_size, rank)
-            lora_a, lora_b = lora_a.to(lora_config.lora_dtype), lora_b.to(lora_config.lora_dtype)
-        loras[name] = LoRALayerWeights(name, rank, rank, lora_a, lora_b, scaling=1.0)
-    return LoRAModel(lora_id, rank, loras)
+        lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
+        loras[name] = LoRALayerWeights(name, module.k, module.k, lora_a, lora_b, scaling=1.0)
+    return LoRAModel(lora_id, adapter.max_k, loras)
 
 
 def _layer_owners(manager) -> dict:

@@ -1,0 +1,1 @@
+"""The paper's commonsense-reasoning set-up (commonsense-170k, eight multiple-choice benchmarks) with TRL."""

@@ -1,0 +1,100 @@
+"""The two formulations of a batch of S²FT slots: each token adds its own slot's delta, base tokens add nothing.
+
+For one projection, slot ``s`` holds ``index[s]`` (k positions, padded with position 0) and the delta ``D_s`` (zero
+where padded), and a token of slot ``s`` adds
+
+- input side (o_proj, down_proj): ``y += x[:, index[s]] @ D_sᵀ``, ``D_s`` of shape (out, k);
+- output side (q/k/v/gate/up_proj slices): ``y[:, offset + index[s]] += x @ D_sᵀ``, ``D_s`` of shape (k, in).
+
+Padding adds exactly zero, and tokens with no slot (-1, base-model requests) are masked, so they get exactly the base
+output on every platform.
+
+- **punica** (every platform but CPU): the matmuls are vLLM's punica ``add_expand`` (input side, on the gathered
+  columns) and ``add_shrink`` (output side, then a scatter-add into the selected columns) with the deltas as LoRA
+  weights. Fixed shapes, no host synchronisation, nothing that depends on the batch's contents: CUDA graphs capture
+  it. Deltas live in punica's layout, ``(slots, 1, out, k)`` and ``(slots, 1, k, in)``.
+- **grouped** (CPU): vLLM's CPU punica ops copy each token's weights, so the CPU sorts the batch's tokens by slot once
+  (:func:`group_tokens`) and runs one grouped GEMM (``torch._grouped_mm``) per projection, reading each slot's delta
+  once. Deltas live in the layout that GEMM reads fastest, ``(slots, k, out)`` and ``(slots, in, k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# torch._grouped_mm reads rows of 16-byte multiples
+GROUPED_ALIGNMENT_BYTES = 16
+
+
+def slot_mask(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot or 0, has a slot) per token. Rows past the batch (CUDA-graph padding) may hold stale values: they count as
+    slot-less, so no value they hold can index out of range."""
+    valid = (slots >= 0) & (slots < num_slots)
+    return torch.where(valid, slots, torch.zeros_like(slots)), valid
+
+
+def add_input_side_punica(punica_wrapper, output: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                          index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``output[t] += x[t, index[s]] @ D_sᵀ`` for each token t of slot s; ``delta`` is (slots, 1, out, k)."""
+    safe, valid = slot_mask(slots, index.shape[0])
+    gathered = x.gather(1, index[safe]).masked_fill_(~valid.unsqueeze(1), 0)
+    result = punica_wrapper.add_expand(output, gathered.unsqueeze(0), (delta,), (delta.shape[2],), offset_start=0,
+                                       add_inputs=True)
+    return output if result is None else result
+
+
+def add_output_side_punica(punica_wrapper, output: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                           index: torch.Tensor, delta: torch.Tensor, offset: int) -> torch.Tensor:
+    """``output[t, offset + index[s]] += x[t] @ D_sᵀ`` for each token t of slot s; ``delta`` is (slots, 1, k, in)."""
+    safe, valid = slot_mask(slots, index.shape[0])
+    buffer = torch.zeros((1, x.shape[0], delta.shape[2]), dtype=torch.float32, device=x.device)
+    result = punica_wrapper.add_shrink(buffer, x, (delta,), 1.0)
+    buffer = buffer if result is None else result
+    update = buffer[0].masked_fill_(~valid.unsqueeze(1), 0).to(output.dtype)
+    return output.scatter_add_(1, index[safe] + offset, update)
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """A batch's tokens sorted by slot (base tokens last), computed once per batch and shared by every layer."""
+
+    order: torch.Tensor  # (n,) token rows, sorted by slot
+    slots: torch.Tensor  # (n,) slot of each sorted row, 0 for base rows
+    valid: torch.Tensor  # (n, 1) the sorted row has a slot
+    offsets: torch.Tensor  # (num_slots,) int32: end of each slot's run in ``order``
+    active: frozenset  # slots with tokens in the batch, known on the host
+
+
+def group_tokens(slots: torch.Tensor, num_slots: int, active: frozenset) -> TokenGroups:
+    key = torch.where(slots >= 0, slots, num_slots)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    sorted_slots = slots.index_select(0, order)
+    return TokenGroups(order=order, slots=sorted_slots.clamp_min(0), valid=(sorted_slots >= 0).unsqueeze(1),
+                       offsets=counts.cumsum(0).to(torch.int32), active=active)
+
+
+def grouped_fits(dtype: torch.dtype, *sizes: int) -> bool:
+    """Whether rows of these sizes meet the grouped GEMM's alignment."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(size * itemsize % GROUPED_ALIGNMENT_BYTES == 0 for size in sizes)
+
+
+def add_input_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
+                           delta: torch.Tensor) -> torch.Tensor:
+    """As :func:`add_input_side_punica`, with ``delta`` of shape (slots, k, out)."""
+    gathered = x.index_select(0, groups.order).gather(1, index[groups.slots])
+    update = torch._grouped_mm(gathered, delta, offs=groups.offsets)  # rows past the last group are undefined
+    return output.index_add_(0, groups.order, update.masked_fill_(~groups.valid, 0).to(output.dtype))
+
+
+def add_output_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
+                            delta: torch.Tensor, offset: int) -> torch.Tensor:
+    """As :func:`add_output_side_punica`, with ``delta`` of shape (slots, in, k)."""
+    update = torch._grouped_mm(x.index_select(0, groups.order), delta, offs=groups.offsets)
+    columns = index[groups.slots] + offset
+    rows = groups.order.unsqueeze(1).expand_as(columns)
+    return output.index_put_((rows, columns), update.masked_fill_(~groups.valid, 0).to(output.dtype),
+                             accumulate=True)

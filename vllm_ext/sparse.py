@@ -108,7 +108,7 @@ def grouped_fits(dtype: torch.dtype, *sizes: int) -> bool:
 def add_input_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
                            delta: torch.Tensor) -> torch.Tensor:
     """As :func:`add_input_side_punica`, with ``delta`` of shape (slots, k, out)."""
-    gathered = x.index_select(0, groups.order).gather(1, index[groups.slots])
+    gathered = x[groups.order.unsqueeze(1), index[groups.slots]]
     return output.index_add_(0, groups.order, _slot_matmul(gathered, delta, groups).to(output.dtype))
 
 

@@ -9,7 +9,16 @@ with larger weights than the CPU tests' so that such near-ties are rare.
 
 import pytest
 import torch
-from vllm_support import MAX_K, MAX_LORA_RANK, MAX_TOKENS, S2FT_ADAPTERS, build_checkpoints, expected, generate, reference
+from vllm_support import (
+    MAX_K,
+    MAX_LORA_RANK,
+    MAX_TOKENS,
+    S2FT_ADAPTERS,
+    build_checkpoints,
+    expected,
+    generate,
+    reference,
+)
 
 pytestmark = [
     pytest.mark.gpu,

@@ -101,7 +101,8 @@ def test_s2ft_modules_reach_the_layers_as_indices_in_buffers_of_their_own(served
         for lora_id in (_IDS["both"], _IDS["down1024"]):
             for weights in model.lora_manager.get_adapter(lora_id).loras.values():
                 packed = isinstance(weights.lora_a, list)
-                for a, b in zip(*((weights.lora_a, weights.lora_b) if packed else ([weights.lora_a], [weights.lora_b]))):
+                pairs_a, pairs_b = (weights.lora_a, weights.lora_b) if packed else ([weights.lora_a], [weights.lora_b])
+                for a, b in zip(pairs_a, pairs_b):
                     if a is not None:
                         pairs.add((a.dim(), a.is_floating_point(), b.dim(), b.is_floating_point()))
         lora_ranks = {m.lora_a_stacked[0].shape[2] for m in model.modules() if hasattr(m, "s2ft_slices")}

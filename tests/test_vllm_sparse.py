@@ -1,11 +1,15 @@
 """Both S2FT formulations of vllm_ext.sparse against a dense per-token reference: several slots, padded index tables,
-base-model rows (slot -1) in a batch that fills every slot, on CPU tensors (the punica one is the GPU path)."""
+base-model rows (slot -1) in a batch that fills every slot, on CPU tensors (the punica one is the GPU path); the CPU
+one in both its branches (balanced batch: padded bmm; skewed batch: grouped GEMM)."""
 
 import pytest
 import torch
 
 NUM_SLOTS, K_MAX, WIDTH, OUT = 3, 8, 16, 24
-SLOTS = (2, -1, 0, 1, 2, -1, 1, 1, 0)  # every slot in use: vLLM's CPU ops would give base rows the last slot
+BATCHES = {  # every slot in use: vLLM's CPU ops would give base rows the last slot
+    "balanced": (2, -1, 0, 1, 2, -1, 1, 1, 0),
+    "skewed": (1, 1, -1, 1, 0, 1, 1, 2, 1, 1, -1),
+}
 
 
 def _adapters(axis_size, k_of_slot, side, generator):
@@ -33,13 +37,13 @@ def _tables(adapters, side, grouped):
     return index, delta
 
 
-def _wrapper():
+def _wrappers(slots):
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     from vllm_ext.punica import S2FTPunicaWrapperCPU
 
-    ids = tuple(slot + 1 if slot >= 0 else 0 for slot in SLOTS)
+    ids = tuple(slot + 1 if slot >= 0 else 0 for slot in slots)
     mapping = LoRAMapping(index_mapping=ids, prompt_mapping=ids, is_prefill=True)
     wrappers = []
     for cls in (PunicaWrapperCPU, S2FTPunicaWrapperCPU):  # vLLM's own (base rows misrouted) and the plugin's
@@ -49,19 +53,21 @@ def _wrapper():
     return wrappers
 
 
+@pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("side", ["input", "output"])
-def test_formulations_match_a_dense_reference(side):
+def test_formulations_match_a_dense_reference(side, batch):
     from vllm_ext import sparse
 
     generator = torch.Generator().manual_seed(0)
     offset = 5  # output side: the slice starts at this column of the packed output
     axis_size = WIDTH if side == "input" else OUT - offset
     adapters = _adapters(axis_size, (K_MAX, 3, 5), side, generator)  # slots 1 and 2 are padded
-    x = torch.randn(len(SLOTS), WIDTH, generator=generator)
-    base = torch.randn(len(SLOTS), OUT, generator=generator)
+    slot_of_row = BATCHES[batch]
+    x = torch.randn(len(slot_of_row), WIDTH, generator=generator)
+    base = torch.randn(len(slot_of_row), OUT, generator=generator)
 
     expected = base.clone()
-    for row, slot in enumerate(SLOTS):
+    for row, slot in enumerate(slot_of_row):
         if slot >= 0:
             indices, delta = adapters[slot]
             if side == "input":
@@ -69,9 +75,9 @@ def test_formulations_match_a_dense_reference(side):
             else:
                 expected[row, offset + indices] += delta @ x[row]
 
-    slots = torch.tensor(SLOTS)
+    slots = torch.tensor(slot_of_row)
     index, delta = _tables(adapters, side, grouped=False)
-    for wrapper in _wrapper():
+    for wrapper in _wrappers(slot_of_row):
         output = base.clone()
         if side == "input":
             got = sparse.add_input_side_punica(wrapper, output, x, slots, index, delta)
@@ -82,6 +88,7 @@ def test_formulations_match_a_dense_reference(side):
 
     index, delta = _tables(adapters, side, grouped=True)
     groups = sparse.group_tokens(slots, NUM_SLOTS, frozenset(range(NUM_SLOTS)))
+    assert (groups.padded is not None) == (batch == "balanced")
     output = base.clone()
     if side == "input":
         got = sparse.add_input_side_grouped(output, x, groups, index, delta)

@@ -65,7 +65,8 @@ class S2FTSlice:
     projection: str
     side: str  # "input": o_proj/down_proj columns; "output": rows of a q/k/v/gate/up slice
     index: torch.Tensor  # (slots, k) int64 local positions
-    delta: torch.Tensor  # input: (slots, 1, out, k) punica / (slots, k, out) grouped; output: (slots, 1, k, in) / (slots, in, k)
+    # input side: (slots, 1, out, k) punica, (slots, k, out) grouped; output side: (slots, 1, k, in), (slots, in, k)
+    delta: torch.Tensor
     offset: int  # output side: first column of the slice in the layer's (local, packed) output
     grouped: bool  # CPU formulation (vllm_ext.sparse)
     used: set = field(default_factory=set)  # slots that hold S²FT for this projection (host side)
@@ -158,19 +159,14 @@ class S2FTLayerMixin:
         self.lora_slots_used.discard(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
-        packed = isinstance(lora_a, list)
-        pairs = list(zip(lora_a, lora_b)) if packed else [(lora_a, lora_b)]
-        s2ft = [is_selector(a) or is_selector(b) for a, b in pairs]
-        if any(not flag and a is not None for flag, (a, _) in zip(s2ft, pairs)):
-            rest = [(None, None) if flag else pair for flag, pair in zip(s2ft, pairs)]
-            rest_a, rest_b = [a for a, _ in rest], [b for _, b in rest]
-            self.reset_lora(index)
-            super().set_lora(index, rest_a if packed else rest_a[0], rest_b if packed else rest_b[0])
+        self.reset_lora(index)
+        pairs = list(zip(lora_a, lora_b)) if isinstance(lora_a, list) else [(lora_a, lora_b)]
+        if not any(is_selector(a) or is_selector(b) for a, b in pairs):  # a LoRA adapter: vLLM's buffers and kernels
+            super().set_lora(index, lora_a, lora_b)
             self.lora_slots_used.add(index)
-        else:
-            self.reset_lora(index)
-        for slice_index, ((a, b), flag) in enumerate(zip(pairs, s2ft)):
-            if flag:
+            return
+        for slice_index, (a, b) in enumerate(pairs):
+            if a is not None:
                 self._set_s2ft(index, slice_index, a, b)
 
     def _set_s2ft(self, index: int, slice_index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ class S2FTPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         ids = set(mapping.index_mapping)
-        active = frozenset(slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id is not None and lora_id in ids)
+        active = frozenset(slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id in ids)
         self.s2ft_groups = group_tokens(self.token_lora_indices, len(lora_index_to_id), active)
 
     def _shrink_prefill(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float):

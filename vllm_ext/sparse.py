@@ -6,16 +6,21 @@ where padded), and a token of slot ``s`` adds
 - input side (o_proj, down_proj): ``y += x[:, index[s]] @ D_sᵀ``, ``D_s`` of shape (out, k);
 - output side (q/k/v/gate/up_proj slices): ``y[:, offset + index[s]] += x @ D_sᵀ``, ``D_s`` of shape (k, in).
 
-Padding adds exactly zero, and tokens with no slot (-1, base-model requests) are masked, so they get exactly the base
-output on every platform.
+Padding adds exactly zero, and tokens with no slot (-1, base-model requests) add nothing, so they get exactly the
+base output on every platform.
 
 - **punica** (every platform but CPU): the matmuls are vLLM's punica ``add_expand`` (input side, on the gathered
   columns) and ``add_shrink`` (output side, then a scatter-add into the selected columns) with the deltas as LoRA
-  weights. Fixed shapes, no host synchronisation, nothing that depends on the batch's contents: CUDA graphs capture
-  it. Deltas live in punica's layout, ``(slots, 1, out, k)`` and ``(slots, 1, k, in)``.
-- **grouped** (CPU): vLLM's CPU punica ops copy each token's weights, so the CPU sorts the batch's tokens by slot once
-  (:func:`group_tokens`) and runs one grouped GEMM (``torch._grouped_mm``) per projection, reading each slot's delta
-  once. Deltas live in the layout that GEMM reads fastest, ``(slots, k, out)`` and ``(slots, in, k)``.
+  weights; slot-less rows are masked. Fixed shapes, no host synchronisation, nothing that depends on the batch's
+  contents: CUDA graphs capture it. Deltas live in punica's layout, ``(slots, 1, out, k)`` and ``(slots, 1, k, in)``.
+- **grouped** (CPU): vLLM's CPU punica ops copy each token's weights, so the CPU sorts the batch's tokens by slot
+  once (:func:`group_tokens`, on the host, shared by all layers) and multiplies each slot's rows by its delta, read
+  once: one ``torch.bmm`` over blocks padded to the fullest slot while that at most doubles the rows, else one grouped
+  GEMM (``torch._grouped_mm``). Deltas live in the layout these read fastest, ``(slots, k, out)`` and
+  ``(slots, in, k)``. Decode batch of 64 tokens over 16 adapters, down_proj columns (in 2816, out 1024, k 128), fp32,
+  2-core CPU: per-token punica ops about 21 ms, grouped GEMM 0.8-1.2 ms, padded bmm 0.36 ms (the dense base matmul
+  2.8 ms); a skewed prefill (1000 tokens of one adapter, 16 of each of 15 others): grouped GEMM 3.3 ms, padded bmm
+  50 ms.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 
 # torch._grouped_mm reads rows of 16-byte multiples
 GROUPED_ALIGNMENT_BYTES = 16
+# CPU: pad every slot's tokens to the fullest slot's count (one bmm) while that at most doubles the rows multiplied
+PADDING_LIMIT = 2
 
 
 def slot_mask(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,22 +65,38 @@ def add_output_side_punica(punica_wrapper, output: torch.Tensor, x: torch.Tensor
 
 @dataclass(frozen=True)
 class TokenGroups:
-    """A batch's tokens sorted by slot (base tokens last), computed once per batch and shared by every layer."""
+    """A batch's tokens with a slot, sorted by slot; computed once per batch on the host and shared by every layer."""
 
-    order: torch.Tensor  # (n,) token rows, sorted by slot
-    slots: torch.Tensor  # (n,) slot of each sorted row, 0 for base rows
-    valid: torch.Tensor  # (n, 1) the sorted row has a slot
+    order: torch.Tensor  # (n,) token rows that have a slot, sorted by slot (base rows are left out)
+    slots: torch.Tensor  # (n,) slot of each sorted row
     offsets: torch.Tensor  # (num_slots,) int32: end of each slot's run in ``order``
-    active: frozenset  # slots with tokens in the batch, known on the host
+    rows: int  # tokens of the fullest slot
+    padded: torch.Tensor | None  # (n,) row of each sorted row when every slot is padded to ``rows``; None: not worth it
+    active: frozenset  # slots with tokens in the batch (LoRA or S²FT)
 
 
 def group_tokens(slots: torch.Tensor, num_slots: int, active: frozenset) -> TokenGroups:
     key = torch.where(slots >= 0, slots, num_slots)
-    order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    n = int(counts.sum())
+    rows = int(counts.max()) if n else 0
+    order = torch.argsort(key, stable=True)[:n]
     sorted_slots = slots.index_select(0, order)
-    return TokenGroups(order=order, slots=sorted_slots.clamp_min(0), valid=(sorted_slots >= 0).unsqueeze(1),
-                       offsets=counts.cumsum(0).to(torch.int32), active=active)
+    ends = counts.cumsum(0)
+    padded = None
+    if num_slots * rows <= PADDING_LIMIT * n:  # one batched GEMM over equal blocks beats a GEMM per slot
+        padded = sorted_slots * rows + torch.arange(n) - (ends - counts).index_select(0, sorted_slots)
+    return TokenGroups(order=order, slots=sorted_slots, offsets=ends.to(torch.int32), rows=rows, padded=padded,
+                       active=active)
+
+
+def _slot_matmul(a: torch.Tensor, weights: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+    """Row i of ``a`` (rows in ``groups.order``) times the (K, N) weights of its slot; ``weights`` is (slots, K, N)."""
+    if groups.padded is None:
+        return torch._grouped_mm(a, weights, offs=groups.offsets)
+    num_slots, k, n = weights.shape
+    blocks = a.new_zeros(num_slots * groups.rows, k).index_copy_(0, groups.padded, a)
+    return torch.bmm(blocks.view(num_slots, groups.rows, k), weights).view(-1, n).index_select(0, groups.padded)
 
 
 def grouped_fits(dtype: torch.dtype, *sizes: int) -> bool:
@@ -85,16 +108,14 @@ def grouped_fits(dtype: torch.dtype, *sizes: int) -> bool:
 def add_input_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
                            delta: torch.Tensor) -> torch.Tensor:
     """As :func:`add_input_side_punica`, with ``delta`` of shape (slots, k, out)."""
-    gathered = x.index_select(0, groups.order).gather(1, index[groups.slots])
-    update = torch._grouped_mm(gathered, delta, offs=groups.offsets)  # rows past the last group are undefined
-    return output.index_add_(0, groups.order, update.masked_fill_(~groups.valid, 0).to(output.dtype))
+    gathered = x[groups.order.unsqueeze(1), index[groups.slots]]
+    return output.index_add_(0, groups.order, _slot_matmul(gathered, delta, groups).to(output.dtype))
 
 
 def add_output_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
                             delta: torch.Tensor, offset: int) -> torch.Tensor:
     """As :func:`add_output_side_punica`, with ``delta`` of shape (slots, in, k)."""
-    update = torch._grouped_mm(x.index_select(0, groups.order), delta, offs=groups.offsets)
+    update = _slot_matmul(x.index_select(0, groups.order), delta, groups)
     columns = index[groups.slots] + offset
     rows = groups.order.unsqueeze(1).expand_as(columns)
-    return output.index_put_((rows, columns), update.masked_fill_(~groups.valid, 0).to(output.dtype),
-                             accumulate=True)
+    return output.index_put_((rows, columns), update.to(output.dtype), accumulate=True)

@@ -17,8 +17,12 @@ from .structure import SCORING_ROLE, Block
 
 
 def _default_forward(model, batch) -> torch.Tensor:
+    """The language-modelling loss of a dict batch; padding (``attention_mask`` 0) is not predicted."""
     batch = dict(batch)
-    batch.setdefault("labels", batch["input_ids"])
+    if "labels" not in batch:
+        mask = batch.get("attention_mask")
+        labels = batch["input_ids"]
+        batch["labels"] = labels if mask is None else labels.masked_fill(mask == 0, -100)
     return model(**batch).loss
 
 
@@ -93,19 +97,23 @@ def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward
     def make_hook(key):
         def hook(_module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if selection in ("activation", "weight_activation") and tokens["mask"] is not None:
-                x = x[tokens["mask"].to(x.device)]
+            mask = tokens["mask"]
+            if mask is not None:
+                x = x[mask.to(x.device)]
             if selection == "activation":
                 sums[key] += x.abs().sum(0).double().cpu()
             elif selection == "weight_activation":
                 sums[key] += x.square().sum(0).double().cpu()
             elif output.requires_grad:  # gradient: |dL/dW| summed over rows, per column
-                output.register_hook(lambda grad: accumulate_gradient(key, grad, x))
+                output.register_hook(lambda grad: accumulate_gradient(key, grad, x, mask))
 
         return hook
 
-    def accumulate_gradient(key, grad, x):
-        sums[key] += (grad.reshape(-1, grad.shape[-1]).float().t() @ x).abs().sum(0).double().cpu()
+    def accumulate_gradient(key, grad, x, mask):
+        grad = grad.reshape(-1, grad.shape[-1]).float()
+        if mask is not None:
+            grad = grad[mask.to(grad.device)]
+        sums[key] += (grad.t() @ x).abs().sum(0).double().cpu()
 
     handles = [module.register_forward_hook(make_hook(key)) for key, module in modules.items()]
     handles += [stats.layer.register_forward_hook(stats.hook, with_kwargs=True) for stats in experts.values()]
@@ -119,6 +127,8 @@ def _column_scores(model, tuner, blocks, experts, selection, dataloader, forward
             for batch in tqdm(dataloader, desc="S2FT selection", disable=not show_progress_bar):
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 tokens["mask"] = None if mask is None else mask.reshape(-1).bool()
+                for statistics in experts.values():
+                    statistics.mask = tokens["mask"]
                 loss = forward_fn(model, batch)
                 if selection == "gradient":
                     loss.backward()

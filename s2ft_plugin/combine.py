@@ -15,6 +15,8 @@ from numbers import Real
 
 import torch
 
+from .structure import ROLES
+
 
 def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapter_name: str,
                          combination_type: str = "linear") -> None:
@@ -65,6 +67,12 @@ def _check_sources(tuner, adapters, weights) -> None:
     for name in adapters:
         if name not in tuner.peft_config:
             raise ValueError(f"Adapter {name} does not exist")
+        experts = _experts_of(tuner, name)
+        if experts is not None:
+            raise ValueError(
+                f"Cannot combine adapter '{name}': it adapts the MoE experts at '{experts}', and S2FT does not combine "
+                "expert deltas (each expert's channel union would differ in size); merge the adapters instead."
+            )
         if name in tuner.s2ft_uncalibrated:
             raise ValueError(
                 f"S2FT adapter '{name}' has a score-based selection that has not been computed; call "
@@ -77,15 +85,24 @@ def _check_sources(tuner, adapters, weights) -> None:
             )
 
 
+def _experts_of(tuner, adapter_name: str):
+    """Path of the first MoE experts layer ``adapter_name`` adapts, or None."""
+    from .moe import Experts
+
+    return next((path for path, module in tuner.model.named_modules()
+                 if isinstance(module, Experts) and adapter_name in module.s2ft_indices), None)
+
+
 def _combined_modules(tuner, adapters, weights) -> dict:
     """{module path: (union indices, combined delta over them, units)} of every module a source adapts."""
     combined = {}
-    for path, _, layer in tuner.s2ft_layers():
+    for path, block, layer in tuner.s2ft_layers():
         sources = [(layer.s2ft_indices[name], layer.s2ft_delta[name].detach(), weight)
                    for name, weight in zip(adapters, weights) if name in layer.s2ft_delta]
         if not sources:
             continue
         union = torch.unique(torch.cat([indices for indices, _, _ in sources]))  # sorted
+        union, units = _fitting_units(block, block.role(path), union, layer.unit_size)
         dtype = sources[0][1].dtype
         for _, delta, _ in sources:
             dtype = torch.promote_types(dtype, delta.dtype)
@@ -94,5 +111,23 @@ def _combined_modules(tuner, adapters, weights) -> dict:
         for indices, delta, weight in sources:
             where = torch.searchsorted(union, indices).to(delta_sum.device)
             delta_sum.index_add_(dim, where, delta.to(dtype), alpha=weight)
-        combined[path] = (union, delta_sum, union.numel() // layer.unit_size)
+        combined[path] = (union, delta_sum, units)
     return combined
+
+
+def _fitting_units(block, role: str, union: torch.Tensor, unit_size: int) -> tuple[torch.Tensor, int]:
+    """(rows/columns, unit count for ``unit_pattern``) of a combined module: a layer rebuilt from the count has
+    exactly as many rows/columns as the returned ones.
+
+    A fused projection (q|k|v, gate|up) is counted in query heads or channels, which its first section names. The
+    selection of ``c`` query heads spans ``ceil(c / group_size)`` key/value groups, so where the union spreads its
+    heads over more groups, its fused rows are widened to every head of those groups (the added rows get zero deltas).
+    """
+    if ROLES[role][2] != "fused":
+        return union, union.numel() // unit_size
+    units = block.units_from_elements(role, union)
+    groups = torch.unique(units // block.group_size)
+    if groups.numel() != -(-units.numel() // block.group_size):
+        units = (groups[:, None] * block.group_size + torch.arange(block.group_size)).flatten()
+        union = torch.sort(block.elements(role, units)).values
+    return union, units.numel()

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from typing import Optional
+
+import torch
 
 from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -25,10 +28,19 @@ UNSUPPORTED_FORWARD_ARGS = {"alora_offsets": "aLoRA offsets apply to activated L
 
 
 class _RowAdapters:
-    """The adapter of each row of the batch the model sees now."""
+    """The adapter of each row of the batch the model sees now, and the tokens per row of the current call."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
+        self.tokens: Optional[int] = None
+
+    def for_input(self, x) -> list[str]:
+        """The names for a layer input: per row, or per token where the model flattened its (batch, tokens) rows into
+        one (batch x tokens) axis (OPT's FFN), batch-major as a reshape leaves them."""
+        batch, tokens = len(self.names), self.tokens
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and tokens and tokens > 1 and x.shape[0] == batch * tokens:
+            return [name for name in self.names for _ in range(tokens)]
+        return self.names
 
     def repeat(self, times: int) -> None:
         self.names = [name for name in self.names for _ in range(times)]
@@ -46,7 +58,8 @@ def mixed_batch(tuner, kwargs: dict):
         return
     _check_adapter_names(tuner, adapter_names)
     rows = _RowAdapters(list(adapter_names))
-    handles = [
+    handles = [tuner.model.register_forward_pre_hook(partial(_note_tokens, rows=rows), with_kwargs=True)]
+    handles += [
         module.register_forward_pre_hook(partial(_pass_adapter_names, rows=rows), with_kwargs=True)
         for module in tuner.model.modules()
         if isinstance(module, (S2FTLayer, AuxiliaryTrainingWrapper))
@@ -70,8 +83,15 @@ def _check_adapter_names(tuner, adapter_names) -> None:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
 
 
+def _note_tokens(_model, args, kwargs, rows: _RowAdapters) -> None:
+    """Record the tokens per row of this call of the model (each generation step has its own)."""
+    inputs = next((value for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1])
+                   if value is not None), None)
+    rows.tokens = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+
+
 def _pass_adapter_names(_module, args, kwargs, rows: _RowAdapters):
-    kwargs["adapter_names"] = rows.names
+    kwargs["adapter_names"] = rows.for_input(args[0] if args else None)
     return args, kwargs
 
 

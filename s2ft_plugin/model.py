@@ -37,7 +37,9 @@ class S2FTModel(BaseTuner):
     tuner_layer_cls = S2FTLayer
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        self.s2ft_layout = Layout()
+        # a model that already holds S2FT layers (transformers' own ``load_adapter`` makes a new tuner per adapter)
+        # keeps their layout: the new adapter addresses its units through it and moves no base weights
+        self.s2ft_layout = _layout_of(model) or Layout()
         self.s2ft_layout_owner: Optional[str] = None
         self.s2ft_uncalibrated: set[str] = set()
         self._blocks: dict[str, Block] = {}
@@ -51,7 +53,8 @@ class S2FTModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         config = self.peft_config[adapter_name]
-        owns_layout = config.permute is not False and self.s2ft_layout_owner is None and len(self.peft_config) == 1
+        owns_layout = (config.permute is not False and self.s2ft_layout_owner is None and len(self.peft_config) == 1
+                       and _layout_of(model) is None)
         self._check_targets(model, adapter_name, config, owns_layout)
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -278,6 +281,11 @@ class S2FTModel(BaseTuner):
         if isinstance(tuner, S2FTModel):
             tuner.s2ft_uncalibrated.discard(adapter_name)
         return remapped
+
+
+def _layout_of(model: nn.Module) -> Optional[Layout]:
+    """The layout the model's S2FT layers address their units through, if it has any."""
+    return next((module._s2ft_place[0] for module in model.modules() if hasattr(module, "_s2ft_place")), None)
 
 
 def _check_adapter_name(adapter_name: str) -> None:

@@ -347,9 +347,11 @@ class ChannelStatistics:
     def __init__(self, layer: "Experts", selection: str):
         self.layer, self.selection = layer, selection
         self.sums = torch.zeros(layer.layout.num_experts, layer.layout.channels, dtype=torch.float64)
+        self.mask: Optional[torch.Tensor] = None  # the batch's tokens (False: padding, which does not score)
 
     def _activations(self, x: torch.Tensor, routing: _Routing):
-        """(expert, its pairs, h (pairs, I)) for every expert that received tokens."""
+        """(expert, its rows of ``x``, their routing weights, h (rows, I)) for every expert that received tokens that
+        are not padding."""
         layout = self.layer.layout
         every = torch.arange(layout.channels, device=x.device).expand(layout.num_experts, -1)
         frozen = _Channels(self.layer.get_base_layer(), layout, every, self.layer._gate())
@@ -357,10 +359,16 @@ class ChannelStatistics:
         for expert, count in enumerate(routing.counts):
             span = slice(start, start + count)
             start += count
-            if count:
-                xe = x.index_select(0, routing.rows[span])
-                z = frozen.pre_activation(xe, expert, xe.new_empty(count, 2 * layout.channels))
-                yield expert, span, frozen.gate(z).float()
+            rows = routing.rows[span]
+            weights = None if routing.weights is None else routing.weights[span]
+            if self.mask is not None and x.shape[0] % self.mask.numel() == 0:
+                # routed experts see each token once, pre-routed ones (Llama 4) once per expert
+                keep = self.mask.to(x.device)[rows % self.mask.numel()]
+                rows, weights = rows[keep], (None if weights is None else weights[keep])
+            if rows.numel():
+                xe = x.index_select(0, rows)
+                z = frozen.pre_activation(xe, expert, xe.new_empty(rows.numel(), 2 * layout.channels))
+                yield expert, rows, weights, frozen.gate(z).float()
 
     @torch.no_grad()
     def hook(self, module, args, kwargs, output) -> None:
@@ -371,17 +379,17 @@ class ChannelStatistics:
             if output.requires_grad:
                 output.register_hook(lambda grad: self._add_gradient(grad, x, routing))
             return
-        for expert, _, h in self._activations(x, routing):
+        for expert, _, _, h in self._activations(x, routing):
             total = h.abs().sum(0) if self.selection == "activation" else h.square().sum(0)
             self.sums[expert] += total.double().cpu()
 
     @torch.no_grad()
     def _add_gradient(self, grad: torch.Tensor, x: torch.Tensor, routing: _Routing) -> None:
         grad = grad.reshape(-1, grad.shape[-1]).float()
-        for expert, span, h in self._activations(x, routing):
-            upstream = grad.index_select(0, routing.rows[span])
-            if routing.weights is not None:
-                upstream = upstream * routing.weights[span, None].detach().float()
+        for expert, rows, weights, h in self._activations(x, routing):
+            upstream = grad.index_select(0, rows)
+            if weights is not None:
+                upstream = upstream * weights[:, None].detach().float()
             self.sums[expert] += (upstream.t() @ h).abs().sum(0).double().cpu()
 
     def scores(self) -> torch.Tensor:

@@ -381,3 +381,22 @@ def test_transformers_own_adapter_api_applies_and_checks_loaded_indices(token_ba
     other.load_adapter(str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match=r"duplicates.*Module: 'model.layers.0.mlp.down_proj'"):
         other(token_batch)
+
+
+def test_transformers_load_adapter_of_a_second_adapter_keeps_the_first_exact(token_batch, tmp_path):
+    """transformers makes a new tuner per ``load_adapter``: it must address its units through the layout the first
+    adapter laid out, not lay the blocks out again behind the first one's back."""
+    for seed, name in ((1, "first"), (2, "second")):
+        torch.manual_seed(seed)
+        get_peft_model(build_model("llama"), S2FTConfig(num_heads=2, init_weights=False, seed=seed)).save_pretrained(
+            tmp_path / name)
+    base = build_model("llama")
+    base.load_adapter(str(tmp_path / "first"), adapter_name="first")
+    base.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    for name in ("second", "first"):
+        base.set_adapter(name)
+        reference = dense_merge(build_model("llama"), saved_adapter(tmp_path / name))
+        torch.testing.assert_close(logits(base, token_batch), logits(reference, token_batch), atol=1e-4, rtol=1e-4)
+    shown = {key.replace("base_layer.", ""): value for key, value in base.state_dict().items() if ".s2ft_" not in key}
+    state = build_model("llama").state_dict()
+    assert shown.keys() == state.keys() and all(torch.equal(shown[key], state[key]) for key in state)  # original order

@@ -330,6 +330,26 @@ def test_score_based_selection_per_expert(selection):
         assert torch.equal(chosen, want), path
 
 
+@pytest.mark.parametrize("selection", ["activation", "weight_activation"])
+def test_padding_does_not_score_experts(selection):
+    """A right-padded batch selects the channels that its sequences, each run alone and unpadded, select."""
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, 384, (length,), generator=generator) for length in (16, 6)]
+    reference = build("mixtral")
+    act, square, _ = routed_activations(reference, [sequence[None] for sequence in sequences])
+    padded = torch.zeros(2, 16, dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
+    model = get_peft_model(build("mixtral"), S2FTConfig(task_type="CAUSAL_LM", selection=selection, num_channels=6))
+    initialize_s2ft_selection(model, [{"input_ids": padded, "attention_mask": mask}], show_progress_bar=False)
+    for path in experts_paths(reference):
+        weight = reference.get_submodule(path).down_proj.detach().abs().sum(1)
+        scores = act[path] if selection == "activation" else weight * square[path].sqrt()
+        want = torch.sort(torch.topk(scores.float(), 6, dim=1).indices, dim=1).values
+        assert torch.equal(model.base_model.model.get_submodule(path).s2ft_indices["default"], want), path
+
+
 def test_unsupported_experts_are_refused_by_name():
     class NonGated(torch.nn.Module):
         def __init__(self):

@@ -88,6 +88,23 @@ def test_mixed_adapter_batch_generate_follows_beams_and_return_sequences(tmp_pat
             assert torch.equal(mixed[rows], references[name].generate(input_ids=ids, **generate)[rows]), (options, name)
 
 
+def test_mixed_adapter_batches_on_a_model_that_flattens_its_tokens(tmp_path):
+    """OPT's FFN sees (batch x tokens, hidden) rows: each token still gets its row's adapter."""
+    model = s2ft(architecture="opt", num_heads=1)  # out_proj and fc2
+    torch.manual_seed(1)
+    model.add_adapter("other", S2FTConfig(target_modules=["fc1", "q_proj"], num_heads=2, seed=3, init_weights=False))
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 384, (3, 7), generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__", "default"]
+    mixed = logits(model.eval(), ids, adapter_names=names)
+    references = {"default": reference_model("opt", [tmp_path]), "other": reference_model("opt", [tmp_path / "other"]),
+                  "__base__": build_model("opt")}
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], logits(references[name], ids)[row], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(ids, adapter_names=names[:2])
+
+
 def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):
     model, _ = two_adapters(tmp_path)
     ids = torch.randint(3, 384, (2, 5))
@@ -294,6 +311,34 @@ def test_add_weighted_adapter_refuses_bad_arguments(call, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         call(model)
     assert set(model.peft_config) == {"default", "other"}
+
+
+@pytest.mark.parametrize("architecture", ["phi3", "falcon_gqa"])  # fused [q|k|v] + [gate|up]; per-group qkv rows
+def test_add_weighted_adapter_on_fused_projections(architecture, token_batch, tmp_path):
+    fused = ["qkv_proj", "gate_up_proj", "query_key_value", "dense_h_to_4h"]
+    model = s2ft(architecture=architecture, target_modules=fused, num_heads=1, num_channels=8, seed=0)
+    torch.manual_seed(1)
+    model.add_adapter("other", S2FTConfig(target_modules=fused, num_heads=1, num_channels=8, seed=9,
+                                          init_weights=False))
+    model.save_pretrained(tmp_path / "sources")
+    model.add_weighted_adapter(["default", "other"], [0.5, -2.0], "fused")
+    model.set_adapter("fused")
+    reference = build_model(architecture)
+    for name, weight in (("default", 0.5), ("other", -2.0)):
+        folder = tmp_path / "sources" / ("" if name == "default" else name)
+        dense_merge(reference, {p: (i, weight * d) for p, (i, d) in saved_adapter(folder).items()})
+    expected = logits(reference, token_batch)
+    torch.testing.assert_close(logits(model.eval(), token_batch), expected, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["fused"])
+    loaded = PeftModel.from_pretrained(build_model(architecture), tmp_path / "saved" / "fused")
+    torch.testing.assert_close(logits(loaded, token_batch), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_add_weighted_adapter_refuses_moe_expert_deltas():
+    model = s2ft(architecture="mixtral", num_heads=1)  # default targets: o_proj and the experts' down_proj
+    with pytest.raises(ValueError, match="adapts the MoE experts at 'model.layers.0.mlp.experts'"):
+        model.add_weighted_adapter(["default"], [2.0], "doubled")
+    assert set(model.peft_config) == {"default"}
 
 
 def test_unit_pattern_sets_the_count_of_each_module():

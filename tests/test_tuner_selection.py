@@ -149,3 +149,24 @@ def test_calibrated_selection_survives_save_and_load(tmp_path):
     loaded.train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_selection_does_not_score_padding():
+    """The default loss leaves padding out (labels -100 where attention_mask is 0), as a data collator does."""
+    ids = torch.randint(3, 384, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # right padding
+    mask[1, :3] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    model = get_peft_model(build_model("llama"), S2FTConfig(selection="gradient", num_heads=1, num_channels=13))
+    initialize_s2ft_selection(model, [{"input_ids": ids, "attention_mask": mask}], show_progress_bar=False)
+
+    reference = build_model("llama")
+    reference.requires_grad_(False)
+    for layer in reference.model.layers:
+        layer.mlp.down_proj.weight.requires_grad_(True)
+    reference(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for index, layer in enumerate(reference.model.layers):
+        want = torch.sort(torch.topk(layer.mlp.down_proj.weight.grad.abs().sum(0), 13).indices).values
+        chosen = model.get_base_model().model.layers[index].mlp.down_proj.s2ft_indices["default"]
+        assert torch.equal(chosen, want), index

@@ -1,7 +1,9 @@
-"""vLLM's OpenAI server on 127.0.0.1 serving S2FT adapters by model name (--lora-modules and runtime loading)."""
+"""vLLM's OpenAI server on 127.0.0.1 serving S2FT adapters by model name (--lora-modules and runtime loading); bad
+adapters are refused without taking the engine down."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from vllm_support import MAX_LORA_RANK, MAX_TOKENS, build_checkpoints, prompt_ids, reference
+from safetensors.torch import load_file, save_file
+from vllm_support import MAX_K, MAX_LORA_RANK, MAX_TOKENS, assert_matches, build_checkpoints, prompt_ids, reference
 
 STARTUP_TIMEOUT_S = 300
 KV_CACHE_BYTES = 1 << 28  # explicit, so start-up does not depend on how much memory the machine has free
@@ -45,14 +48,15 @@ def _tail(path) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_server")
-    base_dir, adapters = build_checkpoints(root)
+    base_dir, adapters = build_checkpoints(root, ["inputs", "outputs", "both"])
     port = _free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_dir,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
                "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
                "--enable-lora", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
                "--lora-modules", f"math={adapters['inputs']}", f"qa={adapters['outputs']}"]
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    # HOME: requests may name adapters as ~/<folder> under root
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_S2FT_MAX_K=str(MAX_K), HOME=str(root))
     log = open(root / "server.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -90,12 +94,6 @@ def complete(url, model):
     return [(choice["token_ids"], choice["logprobs"]["token_logprobs"][0]) for choice in choices]
 
 
-def assert_matches(got, want):
-    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in want]
-    for (_, got_logprob), (_, want_logprob) in zip(got, want):
-        assert got_logprob == pytest.approx(want_logprob, abs=1e-4)
-
-
 def test_lists_and_serves_adapters_by_model_name(server):
     url, _, base_dir, adapters = server
     status, models = _request(f"{url}/v1/models")
@@ -118,3 +116,48 @@ def test_runtime_load_refuses_a_malformed_folder_and_keeps_serving(server):
     assert status == 200, body
     assert_matches(complete(url, "both"), reference(base_dir, adapters["both"]))
     assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))
+
+
+def _replace_folder(target, source, edit=None):
+    """Put a copy of ``source`` (its tensors changed by ``edit``) where ``target`` was."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    if edit is not None:
+        tensors = load_file(target / "adapter_model.safetensors")
+        edit(tensors)
+        save_file(tensors, target / "adapter_model.safetensors")
+
+
+def _deeper_model(tensors):
+    for key in [k for k in tensors if ".layers.1." in k]:
+        tensors[key.replace(".layers.1.", ".layers.5.")] = tensors.pop(key)
+
+
+def _nan_delta(tensors):
+    key = next(k for k in tensors if k.endswith("down_proj.s2ft_delta"))
+    tensors[key] = tensors[key] * float("nan")
+
+
+def test_bad_adapters_are_refused_and_the_engine_keeps_serving(server):
+    url, root, base_dir, adapters = server
+    want = {name: reference(base_dir, adapters[name]) for name in ("inputs", "outputs", "both")}
+    # loading an adapter for layers the served model lacks: refused by the worker, which keeps serving
+    _replace_folder(root / "deep", adapters["both"], _deeper_model)
+    status, body = _request(f"{url}/v1/load_lora_adapter", {"lora_name": "deep", "lora_path": str(root / "deep")})
+    assert status >= 400 and "no LoRA layer" in json.dumps(body)
+    assert_matches(complete(url, "math"), want["inputs"])
+
+    # an adapter named ~/swap loads, then leaves the worker's cache (2 slots) while its folder goes bad: the request
+    # is refused before it is queued, not by a worker in the middle of a batch
+    _replace_folder(root / "swap", adapters["both"])
+    status, body = _request(f"{url}/v1/load_lora_adapter", {"lora_name": "home", "lora_path": "~/swap"})
+    assert status == 200, body
+    assert_matches(complete(url, "home"), want["both"])
+    for edit, message in ((_deeper_model, "has no such module"), (_nan_delta, "NaN")):
+        assert_matches(complete(url, "math"), want["inputs"])
+        assert_matches(complete(url, "qa"), want["outputs"])
+        _replace_folder(root / "swap", adapters["both"], edit)
+        status, body = _request(f"{url}/v1/completions", {"model": "home", "prompt": prompt_ids()[0], "max_tokens": 2})
+        assert 400 <= status < 500 and message in json.dumps(body), (status, body)
+        assert_matches(complete(url, "math"), want["inputs"])
+        assert_matches(complete(url, base_dir), reference(base_dir))

@@ -1,8 +1,10 @@
-"""Serve S²FT adapters with vLLM's LoRA API.
+"""Serve S²FT adapters with vLLM's LoRA API (vLLM 0.32.x).
 
 - ``vllm_ext.plugin:register``: the ``vllm.general_plugins`` entry point (S²FT folders load like LoRA folders).
-- ``vllm_ext.convert``: exact S²FT -> PEFT LoRA conversion, ``python -m vllm_ext.convert SRC DST``.
-- ``vllm_ext.layers``: the gather path vLLM's LoRA layers use for S²FT slots.
+- ``vllm_ext.layers``: vLLM's LoRA layers with S²FT buffers of their own; ``vllm_ext.sparse``: how a batch of S²FT
+  slots is applied (punica kernels on GPUs, CUDA-graph safe; grouped GEMMs on CPU).
+- ``vllm_ext.capacity``: the ``VLLM_S2FT_MAX_K`` setting that sizes those buffers.
+- ``vllm_ext.convert``: export to an exact PEFT LoRA folder, ``python -m vllm_ext.convert SRC DST``.
 
 Nothing is imported here, so ``python -m vllm_ext.convert`` and vLLM's plugin loader import only what they use.
 """

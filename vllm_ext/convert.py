@@ -1,4 +1,4 @@
-"""Exact S²FT -> LoRA conversion: the path that works on any LoRA server.
+"""Exact S²FT -> LoRA conversion: an export for LoRA servers without this plugin (serving never uses it).
 
 An S²FT delta is a rank-k LoRA whose one factor is a one-hot selector: ``x[:, S] D^T = (x E^T) D^T`` with
 ``E[j, S_j] = 1`` (input side), and ``y[:, S] += x D^T`` is ``y += (x D^T) E`` (output side). With ``lora_alpha = r``

@@ -58,12 +58,16 @@ def _patch_loader() -> None:
 
 
 def _patch_request_validation() -> None:
+    from vllm.exceptions import VLLMValidationError
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.v1.engine.input_processor import InputProcessor
 
     from .adapter import CONFIG_NAME, WEIGHTS_NAME, is_s2ft_folder, read_s2ft_adapter
     from .capacity import SETTING
     from .validation import check_servable
+
+    class RefusedS2FTAdapter(VLLMValidationError, ValueError):
+        """A request names an S²FT adapter the engine would refuse (the server answers 400)."""
 
     original = InputProcessor._validate_lora
 
@@ -81,7 +85,10 @@ def _patch_request_validation() -> None:
                                                  if os.path.exists(os.path.join(path, name))))
         checked = self.__dict__.setdefault("_s2ft_checked", set())
         if key not in checked:
-            check_servable(read_s2ft_adapter(path), self.model_config.hf_config, self.lora_config.target_modules)
+            try:
+                check_servable(read_s2ft_adapter(path), self.model_config.hf_config, self.lora_config.target_modules)
+            except ValueError as error:  # a client error (HTTP 400), not an engine failure (500)
+                raise RefusedS2FTAdapter(str(error)) from None
             checked.add(key)
 
     InputProcessor._validate_lora = _validate_lora

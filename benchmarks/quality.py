@@ -3,16 +3,19 @@
 A small Llama built offline is pretrained on task family A (key -> value facts, and copy/reverse/increment rules; see
 quality_tasks.py) until it masters it, and cached. It is then fine-tuned on task B only (a new task token asking for
 reverse-and-increment, which composes two skills of A) by each method at equal trainable parameters: S2FT with every
-selection strategy and order, PEFT LoRA on S2FT's projections and on all linear layers, PEFT SHiRA on S2FT's
-projections, and full fine-tuning. Each method gets its learning rate from a sweep of 3 on B's validation split
-(seed 0, as a practitioner tunes), then runs with more seeds at that rate.
+selection strategy and order, S2FT on other projections (down_proj only; gate/up/down), PEFT LoRA on S2FT's
+projections and on all linear layers, PEFT SHiRA on S2FT's projections, and full fine-tuning. Each method takes the
+best of 3 learning rates on B's validation split (seed 0, as a practitioner tunes), then runs more seeds at that rate.
 
-Reported per method: B exact match on held-out inputs of the trained lengths (test) and on longer inputs B never shows
-(held-out variation), A exact match after fine-tuning (retention: A is never replayed), the training loop's wall time,
-and peak training memory counted from its parts (weights + gradients + AdamW state + the activations autograd saves
-for backward, captured with saved-tensor hooks; common.peak_bytes). Runs go two at a time, one thread each.
+Reported per method: B exact match on unseen inputs like the training ones (test) and on two held-out variations
+(inputs with symbols B never shows; longer inputs), A exact match after fine-tuning (A is never replayed), the training
+loop's wall time, and peak training memory counted from its parts (weights + gradients + AdamW state + the activations
+autograd saves for backward, captured with saved-tensor hooks; common.peak_bytes). A diagnostic says where each
+update acts: how much it changes the outputs of the model's projections on A's inputs and on B's.
 
-    python benchmarks/quality.py            # ~12 min on 2 CPU cores the first time (pretraining is then cached)
+Runs go two at a time, one thread each; every run is deterministic given its seed.
+
+    python benchmarks/quality.py            # ~15 min on 2 CPU cores the first time (pretraining is then cached)
     python benchmarks/quality.py --quick    # ~1 min smoke run of a micro configuration
 """
 
@@ -33,18 +36,30 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from peft import LoraConfig, ShiraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, ShiraConfig, get_peft_model
 
+import quality_report as report
 import quality_tasks as tasks
-from common import LORA_TARGETS, equal_parameter_rank, peak_bytes, trainable
+from common import LORA_TARGETS, equal_parameter_rank, peak_bytes, s2ft_trainable, trainable
 from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
 from s2ft_plugin.tiny import build_model
 
-SCORED = ("weight", "activation", "weight_activation", "gradient")
-S2FT_METHODS = ["s2ft_random"] + [f"s2ft_{selection}_{order}" for selection in SCORED for order in ("large", "small")]
-METHODS = S2FT_METHODS + ["lora", "lora_all_linear", "shira", "full"]
-LEARNING_RATES = {"s2ft": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2), "shira": (1e-3, 3e-3, 1e-2),
-                  "full": (1e-4, 3e-4, 1e-3)}
+# name -> S2FTConfig fields. "targets": projections other than the default o_proj + down_proj, trained as FFN channels
+# only, as many as give S2FT's default trainable-parameter count.
+S2FT_METHODS = {"s2ft_random": dict(selection="random")}
+S2FT_METHODS.update({
+    f"s2ft_{selection}_{order}": dict(selection=selection, selection_order=order)
+    for selection in ("weight", "activation", "weight_activation", "gradient") for order in ("large", "small")
+})
+S2FT_TARGETS = {"down": ["down_proj"], "ffn": ["gate_proj", "up_proj", "down_proj"]}
+S2FT_METHODS.update({
+    f"s2ft_{name}_activation_large": dict(selection="activation", selection_order="large", targets=name)
+    for name in S2FT_TARGETS
+})
+METHODS = list(S2FT_METHODS) + ["lora", "lora_all_linear", "shira", "full"]
+PEFT_LEARNING_RATES = (3e-3, 1e-2, 3e-2)  # one grid for every adapter method
+FULL_LEARNING_RATES = (1e-4, 3e-4, 1e-3)
+B_EVALUATIONS = ("validation", "test", "unseen_symbols", "longer")
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,7 @@ class Setup:
     heads: int = 8
     layers: int = 4
     facts: int = 256
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1200
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     b_train: int = 2048
@@ -74,7 +89,7 @@ class Setup:
 
     def base_key(self) -> str:
         fields = ("hidden", "intermediate", "heads", "layers", "facts", "pretrain_steps", "pretrain_batch",
-                  "pretrain_lr", "a_eval")
+                  "pretrain_lr")
         key = json.dumps([getattr(self, name) for name in fields]) + inspect.getsource(tasks)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -90,7 +105,8 @@ def new_model(setup: Setup):
                        num_key_value_heads=setup.heads, vocab_size=tasks.vocab_size(setup.facts), seed=0)
 
 
-def linear_schedule(optimizer, steps: int, warmup: int, cosine: bool = False):
+def schedule(optimizer, steps: int, warmup: int, cosine: bool = False):
+    """Linear warm-up, then linear (or cosine) decay to zero."""
     def factor(step):
         progress = min(1.0, step / steps)
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1 - progress
@@ -101,29 +117,27 @@ def linear_schedule(optimizer, steps: int, warmup: int, cosine: bool = False):
 
 def pretrained_base(setup: Setup, cache: str):
     """The model pretrained on A: loaded from ``cache`` or trained (2 threads) and saved there."""
-    path = os.path.join(cache, f"base-{setup.base_key()}")
+    path = os.path.join(cache, f"base-{setup.base_key()}", "model.pt")
     model = new_model(setup)
-    weights = os.path.join(path, "model.pt")
-    if os.path.exists(weights):
-        model.load_state_dict(torch.load(weights))
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
         return model, path
-    print(f"pretraining on A ({setup.pretrain_steps} steps), cached under {path}", flush=True)
-    values = tasks.fact_values(setup.facts, seed=0)
-    stream = tasks.a_training_stream(values, seed=0)
+    print(f"pretraining on A ({setup.pretrain_steps} steps), cached as {path}", flush=True)
+    stream = tasks.a_training_stream(tasks.fact_values(setup.facts, seed=0), seed=0)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), setup.pretrain_lr, weight_decay=0.0)
-    schedule = linear_schedule(optimizer, setup.pretrain_steps, warmup=100, cosine=True)
+    lr_schedule = schedule(optimizer, setup.pretrain_steps, warmup=100, cosine=True)
     start = time.perf_counter()
     for _ in range(setup.pretrain_steps):
         model(**tasks.collate([next(stream) for _ in range(setup.pretrain_batch)])).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        lr_schedule.step()
     model.eval()
     print(f"pretrained in {time.perf_counter() - start:.0f} s", flush=True)
-    os.makedirs(path, exist_ok=True)
-    torch.save(model.state_dict(), weights + ".tmp")
-    os.replace(weights + ".tmp", weights)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(model.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
     return model, path
 
 
@@ -134,22 +148,26 @@ def datasets(setup: Setup):
 
 
 def adapt(base, method: str, setup: Setup, seed: int, calibration):
-    """``base`` (a copy) prepared for ``method``: every method gets about S2FT's trainable-parameter count."""
+    """A copy of ``base`` prepared for ``method``: every adapter gets about S2FT's default trainable-parameter count."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     if method == "full":
         return model.requires_grad_(True)
     s2ft_config = S2FTConfig(task_type="CAUSAL_LM", head_ratio=setup.head_ratio, channel_ratio=setup.channel_ratio,
                              seed=seed)
-    if method.startswith("s2ft_"):
-        selection, order = ("random", "large") if method == "s2ft_random" else method[5:].rsplit("_", 1)
-        model = get_peft_model(model, replace(s2ft_config, selection=selection, selection_order=order))
-        if selection != "random":
+    if method in S2FT_METHODS:
+        fields = dict(S2FT_METHODS[method])
+        if "targets" in fields:
+            targets = S2FT_TARGETS[fields.pop("targets")]
+            per_channel = model.config.hidden_size * len(targets) * model.config.num_hidden_layers
+            fields.update(target_modules=targets, num_channels=round(s2ft_trainable(model, s2ft_config) / per_channel))
+        model = get_peft_model(model, replace(s2ft_config, **fields))
+        if fields["selection"] != "random":  # scored on B's first training batches, as a user would
             initialize_s2ft_selection(model, calibration, show_progress_bar=False)
         return model
-    targets = LORA_TARGETS["lora_all_linear" if method == "lora_all_linear" else "lora"]
+    targets = LORA_TARGETS[method if method == "lora_all_linear" else "lora"]
     rank = equal_parameter_rank(model, s2ft_config, targets)
-    if method == "shira":  # r(m + n) entries per projection: the same count as LoRA of rank r
+    if method == "shira":  # r(m + n) entries per projection: the parameter count of LoRA of rank r
         return get_peft_model(model, ShiraConfig(task_type="CAUSAL_LM", r=rank, target_modules=targets,
                                                  random_seed=seed))
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
@@ -157,13 +175,48 @@ def adapt(base, method: str, setup: Setup, seed: int, calibration):
 
 
 def evaluate(model, a_sets, b_sets) -> dict:
+    """Exact match and answer loss on every set; ``a_mean`` averages A's four sets."""
     model.eval()
     scores = {}
-    for prefix, sets in (("b", {name: b_sets[name] for name in ("validation", "test", "held_out")}), ("a", a_sets)):
+    for prefix, sets in (("b", {name: b_sets[name] for name in B_EVALUATIONS}), ("a", a_sets)):
         for name, examples in sets.items():
             scores[f"{prefix}_{name}"], scores[f"{prefix}_{name}_loss"] = tasks.score(model, examples)
     scores["a_mean"] = statistics.mean(scores[f"a_{name}"] for name in a_sets)
     return scores
+
+
+@torch.no_grad()
+def output_change(base, tuned, examples: dict) -> dict:
+    """Where the update acts: for each set of examples, sqrt(sum ||dW x||^2 / sum ||W x||^2) over every projection of
+    every block and every token, x being the base model's input to the projection and dW the merged weight minus the
+    base weight (for S2FT in the original, unpermuted coordinates)."""
+    merged = tuned.merge_and_unload() if isinstance(tuned, PeftModel) else tuned
+    projections = {name: module for name, module in base.model.layers.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+    deltas = {name: merged.model.layers.get_submodule(name).weight - module.weight
+              for name, module in projections.items()}
+    state = {}
+
+    def recorder(name):
+        def record(module, inputs, _output):
+            x = inputs[0][state["mask"]]
+            state["sums"] += torch.tensor([(x @ deltas[name].T).square().sum(), (x @ module.weight.T).square().sum()],
+                                          dtype=torch.float64)
+        return record
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in projections.items()]
+    change = {}
+    try:
+        for set_name, chosen in examples.items():
+            state["sums"] = torch.zeros(2, dtype=torch.float64)
+            for batch in tasks.batches(chosen, 256):
+                state["mask"] = batch["attention_mask"].bool()
+                base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            change[set_name] = math.sqrt(state["sums"][0] / state["sums"][1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return change
 
 
 _WORKER = {}
@@ -172,7 +225,7 @@ _WORKER = {}
 def _init_worker(setup: Setup, base_path: str):
     torch.set_num_threads(1)
     model = new_model(setup)
-    model.load_state_dict(torch.load(os.path.join(base_path, "model.pt")))
+    model.load_state_dict(torch.load(base_path))
     _WORKER.update(setup=setup, base=model, data=datasets(setup))
 
 
@@ -190,70 +243,29 @@ def finetune(job) -> dict:
     model.train()
     parameters = trainable(model)
     optimizer = torch.optim.AdamW(parameters, lr, weight_decay=0.0)
-    schedule = linear_schedule(optimizer, setup.steps, warmup=max(1, setup.steps // 10))
-    epoch = len(train) // setup.batch
+    lr_schedule = schedule(optimizer, setup.steps, warmup=max(1, setup.steps // 10))
+    per_epoch = len(train) // setup.batch
     start = time.perf_counter()
     for step in range(setup.steps):
-        if step % epoch == 0 and step:
+        if step and step % per_epoch == 0:
             random.Random(seed * 1000 + step).shuffle(train)
-        index = step % epoch
+        index = step % per_epoch
         model(**tasks.collate(train[index * setup.batch: (index + 1) * setup.batch])).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        lr_schedule.step()
     train_seconds = time.perf_counter() - start
     memory = peak_bytes(model, optimizer, tasks.collate(train[: setup.batch])["input_ids"], "cpu")
+    scores = evaluate(model, a_sets, b_sets)
+    a_inputs = [example for examples in a_sets.values() for example in examples[: setup.a_eval // 4]]
+    change = output_change(base, model, {"a": a_inputs, "b": b_sets["test"][: len(a_inputs)]})
     return dict(method=method, lr=lr, seed=seed, trainable=sum(p.numel() for p in parameters),
                 selection_seconds=selection_seconds, train_seconds=train_seconds, peak_bytes=memory,
-                **evaluate(model, a_sets, b_sets))
+                output_change_a=change["a"], output_change_b=change["b"], **scores)
 
 
-def family(method: str) -> str:
-    return "lora" if method.startswith("lora") else method.split("_")[0]
-
-
-def summarize(runs: list[dict], method: str) -> dict:
-    mine = [run for run in runs if run["method"] == method]
-    summary = {"lr": mine[0]["lr"], "trainable": mine[0]["trainable"], "seeds": len(mine)}
-    for key in ("b_test", "b_held_out", "a_mean", "a_facts", "train_seconds", "selection_seconds", "peak_bytes"):
-        values = [run[key] for run in mine]
-        summary[key] = statistics.mean(values)
-        summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return summary
-
-
-def table(summaries: dict, base_scores: dict) -> str:
-    rows = ["| method | trainable params | lr | B test | B longer (held-out variation) | A retained (facts) "
-            "| train s | peak MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    rows.append(f"| base (no fine-tuning) | 0 | - | {base_scores['b_test']:.1%} | {base_scores['b_held_out']:.1%} | "
-                f"{base_scores['a_mean']:.1%} ({base_scores['a_facts']:.1%}) | - | - |")
-    for method, s in summaries.items():
-        rows.append(
-            f"| {method} | {s['trainable']:,} | {s['lr']:g} | {s['b_test']:.1%} ± {s['b_test_std']:.1%} | "
-            f"{s['b_held_out']:.1%} ± {s['b_held_out_std']:.1%} | {s['a_mean']:.1%} ± {s['a_mean_std']:.1%} "
-            f"({s['a_facts']:.1%}) | {s['train_seconds']:.1f} | {s['peak_bytes'] / 2**20:.1f} |")
-    return "\n".join(rows)
-
-
-def plot(summaries: dict, base_scores: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 6))
-    for method, s in summaries.items():
-        style = "o" if method.startswith("s2ft") else "s"
-        axis.errorbar(s["a_mean"], s["b_test"], xerr=s["a_mean_std"], yerr=s["b_test_std"], fmt=style, capsize=3,
-                      label=method)
-    axis.axvline(base_scores["a_mean"], color="grey", linestyle=":", label="base model's A accuracy")
-    axis.set_xlabel("A accuracy after fine-tuning on B (retention)")
-    axis.set_ylabel("B accuracy (test)")
-    axis.set_title("Fine-tuning on B at equal trainable parameters (mean ± std over seeds)")
-    axis.legend(fontsize=7, loc="best")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+def learning_rates(method: str) -> tuple:
+    return FULL_LEARNING_RATES if method == "full" else PEFT_LEARNING_RATES
 
 
 def parse_args():
@@ -267,37 +279,41 @@ def parse_args():
     return parser.parse_args()
 
 
-def main():
-    args = parse_args()
-    setup = QUICK if args.quick else Setup()
-    output = args.output or (os.path.join(args.cache, "quick") if args.quick
-                             else os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality"))
+def run(setup: Setup, cache: str, workers: int) -> dict:
+    """Pretrain (or load) the base, sweep the learning rates on seed 0, run the other seeds at each method's choice."""
     torch.set_num_threads(2)
-    base, base_path = pretrained_base(setup, args.cache)
-    a_sets, b_sets = datasets(setup)
-    base_scores = evaluate(base, a_sets, b_sets)
-    print("base model:", {k: round(v, 3) for k, v in base_scores.items()}, flush=True)
-
+    base, base_path = pretrained_base(setup, cache)
+    base_scores = evaluate(base, *datasets(setup))
+    print("base model:", {k: round(v, 3) for k, v in base_scores.items() if not k.endswith("_loss")}, flush=True)
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(args.workers, initializer=_init_worker, initargs=(setup, base_path)) as pool:
-        sweep = pool.map(finetune, [(m, lr, 0) for m in setup.methods for lr in LEARNING_RATES[family(m)]])
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (setup, base_path)) as pool:
+        sweep = pool.map(finetune, [(m, lr, 0) for m in setup.methods for lr in learning_rates(m)])
         chosen = {}
         for method in setup.methods:  # the best validation accuracy; ties go to the lower validation loss
             mine = [run for run in sweep if run["method"] == method]
             chosen[method] = max(mine, key=lambda run: (run["b_validation"], -run["b_validation_loss"]))["lr"]
         more = pool.map(finetune, [(m, chosen[m], seed) for m in setup.methods for seed in range(1, setup.seeds)])
     runs = [run for run in sweep if run["lr"] == chosen[run["method"]]] + more
-    summaries = {method: summarize(runs, method) for method in setup.methods}
-    elapsed = time.perf_counter() - start
+    return dict(setup=asdict(setup), base=base_scores, chosen_lr=chosen,
+                summaries={method: report.summarize(runs, method) for method in setup.methods},
+                sweep=sweep, runs=runs, seconds=time.perf_counter() - start,
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
 
-    print(f"\n{len(sweep) + len(more)} fine-tuning runs in {elapsed:.0f} s; "
-          f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(table(summaries, base_scores))
+
+def main():
+    args = parse_args()
+    setup = QUICK if args.quick else Setup()
+    output = args.output or (os.path.join(args.cache, "quick") if args.quick
+                             else os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality"))
+    results = run(setup, args.cache, args.workers)
+    print(f"\n{len(results['sweep']) + len(results['runs']) - len(setup.methods)} fine-tuning runs in "
+          f"{results['seconds']:.0f} s; {results['machine']}")
+    print(report.table(results["summaries"], results["base"]))
+    print()
+    print(report.diagnostics(results["summaries"]))
     with open(output + ".json", "w") as handle:
-        json.dump(dict(setup=asdict(setup), base=base_scores, chosen_lr=chosen, summaries=summaries,
-                       sweep=sweep, runs=runs, seconds=elapsed), handle, indent=1)
-    plot(summaries, base_scores, output + ".png")
+        json.dump(results, handle, indent=1)
+    report.plot(results, output + ".png")
     print(f"wrote {output}.json and {output}.png")
 
 

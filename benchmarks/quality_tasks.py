@@ -2,9 +2,9 @@
 
 Task family A (pretraining): key -> value facts, and three rules over symbol sequences (copy, reverse, increment every
 symbol mod the alphabet). Task B (fine-tuning): a new rule under a new task token, reverse-and-increment, which
-composes two skills of A. B trains on lengths up to ``B_TRAIN_LENGTHS``; its held-out variation asks for longer
-sequences (lengths A covers but B never shows), so it rewards updates that reuse A's circuitry instead of fitting the
-trained lengths.
+composes two skills of A. B trains on short inputs over 12 of the 16 symbols; its held-out variations ask for inputs
+with the other symbols, and for longer inputs (both of which A covers but B never shows): they reward updates that
+reuse A's circuitry instead of fitting what B shows.
 
 Every example is ``prompt + answer``; the loss and the accuracy cover the answer only. Accuracy is exact match of the
 whole answer (EOS included) by teacher-forced argmax, which equals greedy decoding's exact match.
@@ -25,6 +25,7 @@ FIRST_KEY = FIRST_SYMBOL + SYMBOLS
 A_LENGTHS = range(2, 9)
 B_TRAIN_LENGTHS = range(2, 7)
 B_HELD_OUT_LENGTHS = range(7, 9)
+B_TRAIN_SYMBOLS = 12  # B trains on symbols 0..11 only; A knows all 16
 
 RULES = {
     COPY: lambda xs: list(xs),
@@ -86,23 +87,31 @@ def a_evaluation_sets(values, size: int, seed: int) -> dict[str, list[Example]]:
 
 
 def b_splits(train: int, validation: int, test: int, held_out: int, seed: int) -> dict[str, list[Example]]:
-    """Disjoint sets of distinct inputs: train/validation/test on B's training lengths, held_out on longer ones."""
+    """Disjoint sets of distinct inputs. train/validation/test: B's training lengths and symbols. Held-out variations
+    of B: ``unseen_symbols`` (training lengths, at least one symbol B never shows) and ``longer`` (lengths B never
+    shows, any symbol)."""
     rng = random.Random(seed)
     seen = set()
 
-    def draw(count, lengths):
+    def draw(count, lengths, accept):
         examples = []
         while len(examples) < count:
             symbols = tuple(random_symbols(rng, lengths))
-            if symbols not in seen:
+            if symbols not in seen and accept(symbols):
                 seen.add(symbols)
                 examples.append(rule_example(REVERSE_INCREMENT, list(symbols)))
         return examples
 
-    splits = {"validation": draw(validation, B_TRAIN_LENGTHS), "test": draw(test, B_TRAIN_LENGTHS)}
-    splits["held_out"] = draw(held_out, B_HELD_OUT_LENGTHS)
-    splits["train"] = draw(train, B_TRAIN_LENGTHS)
-    return splits
+    def trained(symbols):
+        return max(symbols) < B_TRAIN_SYMBOLS
+
+    return {
+        "validation": draw(validation, B_TRAIN_LENGTHS, trained),
+        "test": draw(test, B_TRAIN_LENGTHS, trained),
+        "unseen_symbols": draw(held_out, B_TRAIN_LENGTHS, lambda symbols: not trained(symbols)),
+        "longer": draw(held_out, B_HELD_OUT_LENGTHS, lambda symbols: True),
+        "train": draw(train, B_TRAIN_LENGTHS, trained),
+    }
 
 
 def collate(examples: list[Example]) -> dict[str, torch.Tensor]:

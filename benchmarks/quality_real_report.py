@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 
-LEVELS = (0.5, 0.7, 0.8, 0.9)
+LEVELS = (0.3, 0.5, 0.7, 0.8)
 # metric -> the better of two values
 BETTER = {"questions_kept": max, "drift": min, "out_of_distribution": max}
 ACCURACY = "new_test"
@@ -102,24 +102,20 @@ def parameters_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def equal_accuracy_table(results: dict, levels=LEVELS) -> str:
-    """Retention and out-of-distribution accuracy at equal new-task test accuracy."""
+def equal_accuracy_table(results: dict, metric: str, levels=LEVELS) -> str:
+    """``metric`` at equal new-task test accuracy: a row per method, a column per accuracy level."""
     table = curves(results, levels)
     seeds = results["setup"]["seeds"]
-    header = "| method | " + " | ".join(f"at {level:.0%}: {name}" for level in levels
-                                        for name in ("questions kept", "drift (nats/token)", "out of distribution"))
-    rows = [header + " |", "|---|" + "---:|" * (3 * len(levels))]
+    rows = ["| method | " + " | ".join(f"at {level:.0%}" for level in levels) + " |", "|---|" + "---:|" * len(levels)]
     for method, metrics in table.items():
         cells = []
         for level in levels:
-            for metric in ("questions_kept", "drift", "out_of_distribution"):
-                value = metrics[metric][level]
-                if value is None:
-                    cells.append("not reached")
-                else:
-                    mean, sd, reached = value
-                    note = "" if reached == seeds else f" ({reached}/{seeds} seeds)"
-                    cells.append(_metric_cell(metric, mean, sd) + note)
+            value = metrics[metric][level]
+            if value is None:
+                cells.append("not reached")
+            else:
+                mean, sd, reached = value
+                cells.append(_metric_cell(metric, mean, sd) + ("" if reached == seeds else f" ({reached}/{seeds} seeds)"))
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -165,8 +161,10 @@ def text(results: dict) -> str:
     return "\n\n".join([
         f"{len(results['runs'])} runs; {results['machine']}",
         "Trainable parameters:\n" + parameters_table(results),
-        "At equal new-task test accuracy (best learning rate per seed, read along each run):\n"
-        + equal_accuracy_table(results),
+        *(f"{title} at equal new-task test accuracy (best learning rate per seed, read along each run):\n"
+          + equal_accuracy_table(results, metric) for metric, title in (
+              ("questions_kept", "General questions kept"), ("drift", "Drift (nats/token)"),
+              ("out_of_distribution", "Out-of-distribution accuracy"))),
         "Chosen on the new tasks' validation split (over learning rates and checkpoints):\n" + choice_table(results),
         "Every learning rate and checkpoint (mean over seeds):\n" + learning_rate_table(results),
     ])
@@ -204,7 +202,8 @@ def plot(results: dict, path: str) -> None:
     axes[0].scatter([base], [1.0], marker="*", s=150, color="black", label="base model", zorder=5)
     axes[1].scatter([base], [0.0], marker="*", s=150, color="black", zorder=5)
     axes[0].set_ylabel(f"general questions still right (of the {results['questions_right']} the base gets right)")
-    axes[1].set_ylabel("drift: NLL of the base's own answers, change (nats/token)")
+    axes[1].set_ylabel("drift: NLL of the base's own answers, change (nats/token; axis cut at 6)")
+    axes[1].set_ylim(-0.2, 6)
     for axis in axes:
         axis.set_xlabel("new-task accuracy (test, mean of the two skills)")
         axis.set_xlim(-0.02, 1.02)

@@ -9,6 +9,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from s2ft_plugin import S2FTLayer
 
@@ -62,10 +63,12 @@ def test_cli_with_the_yaml_config_trains_and_saves_an_adapter(tmp_path):
             launcher=(sys.executable,))
     with open(os.path.join(out, "adapter_config.json")) as handle:
         config = json.load(handle)
-    assert config["selection"] == "weight" and set(config["target_modules"]) == {"o_proj", "down_proj"}  # from YAML
+    assert set(config["target_modules"]) == {"down_proj"} and config["channel_ratio"] == 0.09  # from YAML
     tensors = adapter(out)
     deltas = [value for key, value in tensors.items() if key.endswith("s2ft_delta")]
-    assert len(deltas) == 4 and all(delta.abs().max() > 0 for delta in deltas)
+    intermediate = AutoConfig.from_pretrained(os.path.join(out, "tiny-llama")).intermediate_size
+    assert len(deltas) == 2 and all(delta.shape[1] == round(0.09 * intermediate) for delta in deltas)
+    assert all(delta.abs().max() > 0 for delta in deltas)
 
 
 def test_4bit_yaml_config_trains_float32_deltas_on_a_quantized_base(tmp_path):

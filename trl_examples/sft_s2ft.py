@@ -34,7 +34,8 @@ from s2ft_plugin.tiny import save_checkpoint
 
 
 # TRL's default learning rate (2e-5) suits full fine-tuning; a few heads and channels barely move at it. The paper
-# trains S2FT at 2e-4 on commonsense reasoning and at 1e-3 on arithmetic reasoning.
+# trains S2FT at 2e-4 on commonsense reasoning and at 1e-3 on arithmetic reasoning. On the real-model quality benchmark
+# the gentlest rate that reaches an accuracy forgets least; its 40-step runs needed 2e-3, a full epoch needs less.
 S2FT_LEARNING_RATE = 2e-4
 
 

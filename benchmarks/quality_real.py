@@ -91,8 +91,8 @@ class Setup:
 
 
 QUICK = Setup(train_per_skill=16, validation=4, test=8, out_of_distribution=8, batch=4, steps=4, checkpoints=(2, 4),
-              adapter_lrs=(2e-3,), full_lrs=(8e-5,), seeds=1, calibration_batches=1, answer_tokens=12,
-              drift_tokens=12, methods=("s2ft_random", "s2ft_weight_activation", "lora", "full"))
+              adapter_lrs=(2e-3,), full_lrs=(8e-5,), seeds=1, calibration_batches=1, drift_tokens=12,
+              methods=("s2ft_random", "s2ft_weight_activation", "lora", "full"))
 
 
 class Chat:
@@ -242,15 +242,18 @@ def references(model, chat: Chat, setup: Setup) -> dict:
                 drift_pairs=[(p, a) for p, a in zip(prompts, answers)], base_nll=nll)
 
 
+def evaluation_sets(sets: dict) -> dict:
+    return {name: examples for name, examples in sets.items() if not name.endswith("_train")}
+
+
 def evaluate(model, chat: Chat, sets: dict, reference: dict, setup: Setup) -> dict:
-    """Exact match on every evaluation set, the general questions the base answered right that still are, and drift
-    (NLL of the base's answers to the generic instructions, minus the base's own, in nats per token)."""
+    """Exact match on every set of ``sets`` (evaluation_sets), the general questions the base answered right that
+    still are, and drift (NLL of the base's answers to the generic instructions, minus the base's own, in nats per
+    token)."""
     was_training = model.training
     model.eval()
-    examples = [e for name, chosen in sets.items() if not name.endswith("_train") for e in chosen]
-    right = iter(exact_match(model, chat, examples))  # one decoding for every set: fuller batches
-    scores = {name: statistics.mean(next(right) for _ in chosen) for name, chosen in sets.items()
-              if not name.endswith("_train")}
+    right = iter(exact_match(model, chat, [e for chosen in sets.values() for e in chosen]))  # one decoding: full batches
+    scores = {name: statistics.mean(next(right) for _ in chosen) for name, chosen in sets.items()}
     for split in ("validation", "test"):
         scores[f"new_{split}"] = statistics.mean(scores[f"{skill}_{split}"] for skill in tasks.SKILLS)
     scores["out_of_distribution"] = statistics.mean(scores[name] for name in tasks.OUT_OF_DISTRIBUTION.values())
@@ -348,12 +351,11 @@ def run_job(job) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     model = adapt(_WORKER["base"], method, chat, sets, setup, seed)
     setup_seconds = time.perf_counter() - start
-    evaluation_sets = {name: examples for name, examples in sets.items() if not name.endswith("_train")}
     points, eval_seconds = [], []
 
     def checkpoint(step):
         start = time.perf_counter()
-        points.append(dict(step=step, **evaluate(model, chat, evaluation_sets, reference, setup)))
+        points.append(dict(step=step, **evaluate(model, chat, evaluation_sets(sets), reference, setup)))
         eval_seconds.append(time.perf_counter() - start)
 
     train_seconds, train_cpu_seconds = finetune(model, chat, training_order(sets, setup, seed), lr, setup, checkpoint)
@@ -376,7 +378,7 @@ def run(setup: Setup, runs_path: str, workers: int) -> dict:
     chat = Chat(tokenizer, all_texts(sets))
     start = time.perf_counter()
     reference = references(model, chat, setup)
-    base = evaluate(model, chat, {n: e for n, e in sets.items() if not n.endswith("_train")}, reference, setup)
+    base = evaluate(model, chat, evaluation_sets(sets), reference, setup)
     print(f"base ({time.perf_counter() - start:.0f} s): answers {len(reference['questions'])} of "
           f"{reference['questions_asked']} general questions right; NLL of its own answers "
           f"{reference['base_nll']:.3f} nats/token; new tasks "

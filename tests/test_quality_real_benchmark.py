@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
+import common  # noqa: E402
 import quality_real as qr  # noqa: E402
 import quality_real_report as report  # noqa: E402
 import quality_real_tasks as tasks  # noqa: E402
@@ -92,7 +93,7 @@ def test_greedy_equals_generate_one_prompt_at_a_time(tiny):
     model, _, sets, chat = tiny
     examples = sets["rule_longer"] + sets["code_reworded"] + sets["rule_test"]
     limits = [3 + index % 5 for index in range(len(examples))]
-    lora = qr.common.adapt(model, "lora", qr.s2ft_config(SETUP), seed=0)
+    lora = common.adapt(model, "lora", qr.s2ft_config(SETUP), seed=0)
     for _, module in lora.named_modules():  # a LoRA that changes the outputs
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
@@ -105,7 +106,7 @@ def test_exact_match_is_greedy_decoding_exact_match(tiny):
     """After memorising some examples, each example's score is whether HF generate's answer is the expected text."""
     model, _, sets, chat = tiny
     learned = sets["rule_train"][:4] + sets["code_train"][:4]
-    tuned = qr.common.adapt(model, "full", qr.s2ft_config(SETUP), seed=0)
+    tuned = common.adapt(model, "full", qr.s2ft_config(SETUP), seed=0)
     optimizer = torch.optim.AdamW(tuned.parameters(), 3e-3)
     pairs = [(chat.prompt(e.prompt), chat.answer(e.prompt, e.answer)) for e in learned]
     for _ in range(80):
@@ -125,7 +126,7 @@ def test_answer_nll_against_whole_sequences(tiny, method):
     """Per-token NLL with a shared prefix, right padding and the head at scored positions only, against log-softmax
     of a plain forward of each whole sequence."""
     model, _, sets, chat = tiny
-    tuned = model if method == "base" else qr.common.adapt(model, method, qr.s2ft_config(SETUP), seed=0)
+    tuned = model if method == "base" else common.adapt(model, method, qr.s2ft_config(SETUP), seed=0)
     for name, param in tuned.named_parameters():  # an adapter that changes the outputs
         if param.requires_grad:
             torch.nn.init.normal_(param, std=0.05)
@@ -150,7 +151,7 @@ def test_training_loss_and_gradients_equal_whole_sequences(tiny, method):
     batch = qr.training_order(sets, SETUP, seed=0)[0]
     grads = []
     for shared in (True, False):
-        tuned = qr.common.adapt(model, method, qr.s2ft_config(SETUP), seed=0)
+        tuned = common.adapt(model, method, qr.s2ft_config(SETUP), seed=0)
         if shared:
             pairs = [(chat.prompt(e.prompt), chat.answer(e.prompt, e.answer)) for e in batch]
             loss = qr.answer_nll(tuned, chat, pairs).mean()
@@ -177,7 +178,7 @@ def test_every_method_trains_about_the_s2ft_default_count(tiny):
     assert s2ft == layers * model.config.hidden_size * (heads * head_dim + channels)  # o_proj heads, down_proj channels
     assert counts["s2ft_weight_activation"] == counts["s2ft_activation_small"] == s2ft
     assert counts["s2ft_down"] == round(s2ft / (model.config.hidden_size * layers)) * model.config.hidden_size * layers
-    for method, names in qr.common.LORA_TARGETS.items():  # the whole rank nearest to S2FT's count
+    for method, names in common.LORA_TARGETS.items():  # the whole rank nearest to S2FT's count
         per_rank = layers * sum(m.in_features + m.out_features for n, m in layer.named_modules()
                                 if n.rsplit(".", 1)[-1] in names)
         assert counts[method] % per_rank == 0

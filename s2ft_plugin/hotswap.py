@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
 from .config import S2FTConfig
+from .transactions import adapter_load
 
 
 def hotswap_adapter(
@@ -56,7 +57,8 @@ def hotswap_adapter(
                             if adapter_name in layer.s2ft_delta)
     state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
     # the load checks every tensor against the loaded adapter's modules before copying anything in place
-    set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
+    with adapter_load():  # a load: ``permute`` is a preference
+        set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
     for field, value in vars(config).items():  # in place: compiled code may hold the config object
         if field != "inference_mode":
             setattr(current, field, value)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import replace
 from typing import Optional
 
@@ -65,7 +66,11 @@ class S2FTModel(BaseTuner):
             self.s2ft_uncalibrated.add(adapter_name)
         if owns_layout:
             self.s2ft_layout_owner = adapter_name
-        self.arrange()
+        try:
+            self.arrange()
+        except LayoutRefused:  # permute=True on a block that fails verification: the caller's model as it was
+            self._unload_and_optionally_merge(merge=False)
+            raise
         add_compiled_sync_hook(model)
 
     def _check_targets(self, model: nn.Module, adapter_name: str, config: S2FTConfig, owns_layout: bool) -> None:
@@ -175,15 +180,24 @@ class S2FTModel(BaseTuner):
         return units
 
     def arrange(self) -> None:
-        """Lay out the owner's blocks so its units are contiguous, then point every adapter at its units."""
-        if self.s2ft_layout_owner is not None:
-            for key, units in self.adapter_units(self.s2ft_layout_owner).items():
-                block = self._blocks[key]
-                if layout_blocker(self.model, block) is None:
-                    self.s2ft_layout.move(self.model, block, block.contiguous_order(units))
+        """Lay out the owner's blocks so its units are contiguous, then point every adapter at its units.
+
+        Every move is verified (``Layout.move_verified``): a block whose function a move would change stays where it
+        is and still trains, with a warning; if the owner asked for ``permute=True`` (and is not being loaded, where
+        ``permute`` is a preference), a ValueError follows once every adapter points at its units.
+        """
+        refused = {}
+        owner = self.s2ft_layout_owner
+        if owner is not None:
+            moves = [(self._blocks[key], self._blocks[key].contiguous_order(units))
+                     for key, units in self.adapter_units(owner).items()
+                     if layout_blocker(self.model, self._blocks[key]) is None]
+            refused = self.s2ft_layout.move_verified(self.model, moves)
         for path, block, layer in self.s2ft_layers():
             for adapter_name, indices in layer.s2ft_indices.items():
                 layer.set_positions(adapter_name, self.s2ft_layout.positions(block, block.role(path), indices))
+        if refused:
+            _report_refused(refused, strict=self.peft_config[owner].permute is True and not loading())
 
     @contextlib.contextmanager
     def original_layout(self):
@@ -281,6 +295,25 @@ class S2FTModel(BaseTuner):
         if isinstance(tuner, S2FTModel):
             tuner.s2ft_uncalibrated.discard(adapter_name)
         return remapped
+
+
+class LayoutRefused(ValueError):
+    """``permute=True`` cannot be honoured: co-permuting a block would change what it computes."""
+
+
+def _report_refused(refused: dict[str, str], strict: bool) -> None:
+    listed = "; ".join(f"'{key.rsplit(':', 1)[0]}': {why}" for key, why in list(refused.items())[:3])
+    more = f"; and {len(refused) - 3} more block(s)" if len(refused) > 3 else ""
+    if strict:
+        raise LayoutRefused(
+            f"S2FT cannot honour permute=True: {listed}{more}. Leave permute unset to co-permute only the blocks that "
+            "allow it, or set permute=False."
+        )
+    warnings.warn(
+        f"S2FT leaves {len(refused)} block(s) in their original layout: {listed}{more}. They still train; S2FT "
+        "gathers their selected rows/columns instead of slicing them.",
+        stacklevel=3,
+    )
 
 
 def _layout_of(model: nn.Module) -> Optional[Layout]:

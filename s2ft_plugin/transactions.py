@@ -28,6 +28,11 @@ def loading() -> bool:
     return _LOADING.get()
 
 
+def adapter_load():
+    """Marks the duration as an adapter load (see :func:`loading`)."""
+    return _context(_LOADING, True)
+
+
 def note_created(tuner) -> None:
     """Called by each new S2FT tuner, so a failing ``from_pretrained`` can take it off the caller's model."""
     created = _CREATED.get()
@@ -49,7 +54,7 @@ def _from_pretrained(original):
     def from_pretrained(cls, model, *args, **kwargs):
         attributes = set(vars(model))
         trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-        with _context(_LOADING, True), _context(_CREATED, []) as created:
+        with adapter_load(), _context(_CREATED, []) as created:
             try:
                 return original(cls, model, *args, **kwargs)
             except BaseException:
@@ -69,7 +74,7 @@ def _load_adapter(original):
     @functools.wraps(original)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         is_new = adapter_name not in self.peft_config
-        with _context(_LOADING, True):
+        with adapter_load():
             try:
                 return original(self, model_id, adapter_name, *args, **kwargs)
             except BaseException:

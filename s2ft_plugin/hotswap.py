@@ -15,7 +15,7 @@ from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dic
 
 from .config import S2FTConfig
 from .layer import S2FTLayer
-from .transactions import adapter_load
+from .transactions import adapter_load, weights_named
 
 
 def hotswap_adapter(
@@ -57,7 +57,8 @@ def hotswap_adapter(
             )
     if torch_device is None:  # where the adapter's tensors are
         torch_device = str(layers[0].s2ft_indices[adapter_name].device)
-    state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
+    with weights_named(model_name_or_path, kwargs):
+        state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
     # the load checks every tensor against the loaded adapter's modules before copying anything in place
     with adapter_load():  # a load: ``permute`` is a preference
         set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)

@@ -262,8 +262,9 @@ class S2FTModel(BaseTuner):
             for deltas in (getattr(layer, attr) for attr in getattr(layer, "adapter_layer_names", ())):
                 for name in names:
                     if name in deltas and not torch.isfinite(deltas[name]).all():
-                        raise ValueError(
-                            f"NaNs detected in the S2FT adapter '{name}' at '{path}'; nothing was merged."
+                        raise ValueError(  # PEFT's message first: PEFT's tests and users' scripts match it
+                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken (S2FT: a "
+                            f"non-finite delta at '{path}'; nothing was merged)."
                         )
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -325,6 +326,10 @@ def _check_adapter_name(adapter_name: str) -> None:
     """Adapter names become attribute names of parameter and buffer dicts: refuse one torch cannot register."""
     from peft.tuners._buffer_dict import BufferDict
 
+    if adapter_name == "__base__":
+        raise ValueError(
+            "Invalid S2FT adapter name '__base__': it is reserved, as in `adapter_names` it means the base model."
+        )
     try:
         nn.ParameterDict({adapter_name: nn.Parameter(torch.empty(0))})
         BufferDict({adapter_name: torch.empty(0)})

@@ -51,9 +51,10 @@ class _QuantizedLinear(Linear):
             self._add_delta(merged, name, sign)
         merged = merged.to(dtype)
         if safe and not torch.isfinite(merged).all():
+            broken = names[0] if len(names) == 1 else names
             raise ValueError(
-                f"NaNs detected in the merged weights. The adapter(s) {names} seem to be broken; the base layer was "
-                "left unchanged."
+                f"NaNs detected in the merged weights. The adapter {broken} seems to be broken (the base layer was "
+                "left unchanged)."
             )
         self._set_weight(merged)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextvars import ContextVar
 from functools import partial
 from typing import Optional
 
@@ -15,6 +16,8 @@ from .architectures import linear_shape, linear_weight
 from .functional import InputSideDelta, OutputSideDelta
 
 _SYNC_HOOK = "_s2ft_compiled_sync_hook"
+# True while a mixed-adapter batch (``adapter_names``) runs, which compiled code cannot honour (see _sync_layers)
+MIXED_BATCH: ContextVar[bool] = ContextVar("s2ft_mixed_batch", default=False)
 
 
 class S2FTLayer(BaseTunerLayer):
@@ -151,6 +154,12 @@ def _sync_when_compiled(_model: nn.Module, _args, layers: tuple) -> None:
 
 @torch.compiler.disable
 def _sync_layers(layers: tuple) -> None:
+    if MIXED_BATCH.get():
+        raise ValueError(
+            "A torch.compile'd S2FT model cannot honour `adapter_names`: the compiled code does not see which adapter "
+            "each row names (forward hooks added after compilation are not guarded), so every row would get the "
+            "active adapter. Run mixed-adapter batches on the uncompiled model (`compiled._orig_mod`)."
+        )
     for layer in layers:
         layer.sync_positions()
 

@@ -561,10 +561,14 @@ class Experts(nn.Module, S2FTLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("S2FT experts do not support mixed-adapter batches (`adapter_names`) yet.")
-        kwargs.pop("adapter_names", None)
+        adapter_names = kwargs.pop("adapter_names", None)
         self._sync_indices()
+        if adapter_names is not None:  # mixed_batch refused every adapter of these experts: all rows get the base
+            if self.merged:
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
+            return self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from vllm_support import build_checkpoints
 
 from s2ft_plugin.architectures import LLAMA_NAMES
@@ -17,6 +17,7 @@ from s2ft_plugin.structure import ROLES
 from vllm_ext.adapter import EXPERT_DELTAS, PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
 from vllm_ext.convert import main as convert_main
+from vllm_ext.validation import DEFAULT_TARGETS, check_fits_model
 
 
 CONVERTED = ["inputs", "outputs", "both"]  # k within vLLM's LoRA ranks
@@ -33,9 +34,11 @@ def test_tables_match_their_sources():
 
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
+    from s2ft_plugin.architectures import default_target_modules
     from s2ft_plugin.moe import DELTAS
 
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
+    assert sorted(DEFAULT_TARGETS) == sorted(default_target_modules(AutoConfig.for_model("llama")))
     assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
     assert {packed: list(names) for packed, names in PACKED.items()} == LlamaForCausalLM.packed_modules_mapping
     assert set(EXPERT_DELTAS) == set(DELTAS.values())
@@ -124,21 +127,24 @@ def _edit(tensors, config, suffix, fn):
 
 MALFORMED = {
     "not S2FT": (lambda t, c: c.update(peft_type="LORA"), "does not declare peft_type 'S2FT'"),
+    "config value": (lambda t, c: c.update(head_ratio="lots"), r"adapter_config.json: S2FTConfig.head_ratio must be a "
+                                                               r"number, got 'lots' \(str\)."),
     "extra tensor": (lambda t, c: t.update({"base_model.model.lm_head.weight": torch.zeros(2, 2)}),
                      "unexpected tensor"),
     "unknown projection": (lambda t, c: t.update({k.replace("o_proj", "dense"): v.clone() for k, v in t.items()
-                                                  if "o_proj" in k}), "not 'dense'"),
+                                                  if "o_proj" in k}), "dense.s2ft_indices', which has no place"),
     "float indices": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", torch.Tensor.float), "1-D integer"),
     "duplicates": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", lambda i: i.clone().fill_(3)), "duplicates"),
-    "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), "negative"),
-    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()), "with k=51"),
+    "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), r"lie in \[0, 1024\)"),
+    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()),
+                r"delta of shape \(128, 50\) but this base model needs \(128, 51\)"),
     "nan": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d * float("nan")), "NaN"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_folders_are_refused_with_the_reason(checkpoints, tmp_path, case):
-    _, _, adapters = checkpoints
+    _, base_dir, adapters = checkpoints
     edit, message = MALFORMED[case]
     folder = tmp_path / "bad"
     shutil.copytree(adapters["inputs"], folder)
@@ -147,8 +153,8 @@ def test_malformed_folders_are_refused_with_the_reason(checkpoints, tmp_path, ca
     edit(tensors, config)
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(MalformedS2FTAdapter, match=message):
-        read_s2ft_adapter(str(folder))
+    with pytest.raises(ValueError, match=message):  # the folder, then the folder against the model
+        check_fits_model(read_s2ft_adapter(str(folder)), AutoConfig.from_pretrained(base_dir))
 
 
 def test_missing_files_are_refused(tmp_path):

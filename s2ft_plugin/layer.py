@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from s2ft_format.tensors import check_indices
 
 from .architectures import linear_shape, linear_weight
-from .functional import InputSideDelta, OutputSideDelta
+from .functional import InputSideDelta, OutputSideDelta, input_side, output_side
 
 _SYNC_HOOK = "_s2ft_compiled_sync_hook"
 # True while a mixed-adapter batch (``adapter_names``) runs, which compiled code cannot honour (see _sync_layers)
@@ -217,10 +217,15 @@ class Linear(nn.Module, S2FTLayer):
         return result
 
     def _apply_delta(self, name: str, x: torch.Tensor, result, weight=None, bias=None) -> torch.Tensor:
-        apply = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        delta = self.s2ft_delta[name]
+        if torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad or (
+                result is not None and result.requires_grad)):
+            apply = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        else:  # inference: no autograd node, no saved tensors
+            apply = output_side if self.side == "output" else input_side
         # compiled code reads positions only, so that a hotswap (same k, new rows) never recompiles
         start = None if torch.compiler.is_compiling() else self.s2ft_start[name]
-        return apply(x, self.s2ft_delta[name], self.s2ft_positions[name], start, weight, bias, result)
+        return apply(x, delta, self.s2ft_positions[name], start, weight, bias, result)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args, **kwargs) -> torch.Tensor:
         """Row ``i`` gets adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed-adapter batches."""

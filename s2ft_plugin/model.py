@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 
 from s2ft_format.tensors import check_delta, check_present, stray_error
 
-from .bnb import bnb_layer_class
+from .bnb import bnb_layer_class, standard_4bit_layouts
 from .combine import add_weighted_adapter
 from .config import S2FTConfig
 from .architectures import base_layer, default_target_modules, is_conv1d
@@ -218,8 +218,9 @@ class S2FTModel(BaseTuner):
         self.arrange()
 
     def state_dict(self, *args, **kwargs):
-        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state)."""
-        with through_tuner():
+        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state).
+        PeftModel's state dict, which every save and hotswap takes, passes through here."""
+        with through_tuner(), standard_4bit_layouts(self.model):
             return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> torch.Tensor:

@@ -58,8 +58,9 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(port):
-            assert process.poll() is None, f"make serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}"
+            tail = log_path.read_text()[-4000:]
+            assert process.poll() is None, f"make serve exited with {process.returncode}:\n{tail}"
+            assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT_S}s:\n{tail}"
             time.sleep(2)
         curl = next(line.strip() for line in log_path.read_text().splitlines() if line.strip().startswith("curl "))
         answer = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True,

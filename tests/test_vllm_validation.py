@@ -59,7 +59,8 @@ def test_the_projections_expected_from_a_config_are_the_ones_peft_builds(bases, 
              for path, layer in model.get_base_model().named_modules() if isinstance(layer, S2FTLayer)}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     expected = adapted_projections(config, AutoConfig.from_pretrained(bases[2]))
-    assert {path: (p.side, p.out_features, p.in_features, p.unit_size, p.count) for path, p in expected.items()} == built
+    assert {path: (p.side, p.out_features, p.in_features, p.unit_size, p.count)
+            for path, p in expected.items()} == built
 
 
 def _edit_tensors(edit):

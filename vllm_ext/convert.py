@@ -8,8 +8,9 @@ the LoRA scaling is 1, so the converted adapter is exact; k is zero-padded to on
 
 The adapter is checked against the base model's config as PEFT's loader checks it (``vllm_ext.validation``): an
 adapter PEFT refuses (from a deeper model, incomplete, a config it cannot apply) is refused, not converted into a LoRA
-adapter PEFT would load without a word. DST must not be SRC (however it is spelled). The LoRA folder is written into a staging folder beside DST first: a
-new DST appears whole or not at all; an existing DST gets each file replaced by an atomic rename.
+adapter PEFT would load without a word. DST must not be SRC (however it is spelled). The LoRA folder is written into a
+staging folder beside DST first: a new DST appears whole or not at all; an existing DST gets each file replaced by an
+atomic rename.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_lists_and_serves_adapters_by_model_name(server):
     assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))
     assert_matches(complete(url, "qa"), reference(base_dir, adapters["outputs"]))
     assert_matches(complete(url, base_dir), reference(base_dir))
-    assert "Unknown vLLM environment variable" not in (root / "server.log").read_text()  # VLLM_S2FT_MAX_K is known
+    assert "Unknown vLLM environment variable detected: VLLM_S2FT_MAX_K" not in (root / "server.log").read_text()
 
 
 def test_runtime_load_refuses_a_malformed_folder_and_keeps_serving(server):

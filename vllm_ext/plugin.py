@@ -107,7 +107,7 @@ def _patch_request_validation() -> None:
 
 def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
     """Why the engine of ``input_processor`` (a vLLM ``InputProcessor``) would refuse the S²FT folder ``lora_path``;
-    None for a servable S²FT folder or any other folder (vLLM's own loader judges those).
+    None for a servable S²FT folder or any other folder (vLLM judges those).
 
     With ``remember`` (per request) a folder that passed is read again only when its files change; failures are not
     remembered.
@@ -119,7 +119,7 @@ def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
     from .validation import check_servable
 
     path = get_adapter_absolute_path(lora_path)  # as the worker resolves it (~, relative paths, hub ids)
-    if not is_s2ft_folder(path):
+    if input_processor.lora_config is None or not is_s2ft_folder(path):  # LoRA off: vLLM says so itself
         return None
     key = (path, os.environ.get(SETTING), *(os.stat(os.path.join(path, name)).st_mtime_ns
                                              for name in (CONFIG_NAME, WEIGHTS_NAME)

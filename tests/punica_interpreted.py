@@ -263,3 +263,13 @@ def test_slots_reused_after_unload(served):
         model.load(slot, adapter)
     assert_matches_reference(model.run(PREFILL, True), PREFILL, dtype)
 
+
+def test_vllm_kernels_take_one_16_bit_dtype(served):
+    """Why vllm_ext.dtypes refuses other dtypes at engine start: vLLM's kernels fail on them with a bare assertion."""
+    wrapper = served[torch.float16].wrapper
+    wrapper.update_metadata(LoRAMapping((1,), (1,), is_prefill=False), [1, None, None, None], MAX_LORAS, 32000)
+    buffer = torch.zeros(1, 1, MAX_RANK)
+    for x_dtype, weight_dtype in ((torch.float32, torch.float32), (torch.float16, torch.bfloat16)):
+        weights = torch.zeros(MAX_LORAS, 1, MAX_RANK, HIDDEN, dtype=weight_dtype)
+        with pytest.raises(AssertionError):
+            wrapper.add_shrink(buffer, torch.zeros(1, HIDDEN, dtype=x_dtype), (weights,), 1.0)

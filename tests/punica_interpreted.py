@@ -36,7 +36,7 @@ def _use_the_real_triton() -> None:
     import vllm.triton_utils
 
     if not isinstance(tl.cdiv, interpreter.InterpretedFunction):
-        raise RuntimeError("run this module with TRITON_INTERPRET=1 in the environment (tests/test_vllm_punica.py does)")
+        raise RuntimeError("run this module with TRITON_INTERPRET=1 set (tests/test_vllm_punica.py does)")
     assert "vllm.lora.ops.triton_ops" not in sys.modules, "vLLM's LoRA kernels were imported with Triton turned off"
     vllm.triton_utils.HAS_TRITON, vllm.triton_utils.triton, vllm.triton_utils.tl = True, triton, tl
 

@@ -36,8 +36,8 @@ def make(tmp_path, target, driver=None, python=sys.executable):
         (bin_dir / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, PATH=str(bin_dir))
     venv = tmp_path / "venv-gpu"
-    result = subprocess.run([shutil.which("make"), "-s", "-C", ROOT, target, f"PYTHON={python}", f"GPU_VENV={venv}"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    command = [shutil.which("make"), "-s", "-C", ROOT, target, f"PYTHON={python}", f"GPU_VENV={venv}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert not venv.exists(), "make gpu-check created the venv before its checks passed"
     return result
 

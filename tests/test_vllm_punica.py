@@ -51,7 +51,8 @@ def test_engine_start_refuses_float32_where_the_triton_kernels_run(tmp_path, mon
     model = save_checkpoint(str(tmp_path / "base"), "llama", hidden_size=128, intermediate_size=256)
 
     def engine_config(dtype, **options):
-        return EngineArgs(model=model, dtype=dtype, enable_lora=True, max_model_len=128, **options).create_engine_config()
+        args = EngineArgs(model=model, dtype=dtype, enable_lora=True, max_model_len=128, **options)
+        return args.create_engine_config()
 
     assert engine_config("float32").lora_config.lora_dtype == torch.float32  # CPU (the plugin is now registered)
     monkeypatch.setattr(type(current_platform), "get_punica_wrapper", classmethod(lambda cls: TRITON_PUNICA_WRAPPER))

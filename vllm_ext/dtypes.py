@@ -24,8 +24,8 @@ def check_lora_dtypes(punica_wrapper: str, model_dtype: torch.dtype, lora_dtype:
         return
     if model_dtype not in KERNEL_DTYPES:
         raise ValueError(
-            f"vLLM's Triton LoRA kernels need float16 or bfloat16, and the model runs in {_name(model_dtype)}: start the "
-            "engine with --dtype bfloat16 (or --dtype float16; LoRA and S2FT weights take the model's dtype)."
+            f"vLLM's Triton LoRA kernels need float16 or bfloat16, and the model runs in {_name(model_dtype)}: "
+            "start the engine with --dtype bfloat16 (or --dtype float16; LoRA and S2FT weights take the model's dtype)."
         )
     if lora_dtype != model_dtype:
         raise ValueError(

@@ -1,7 +1,7 @@
 """The ``vllm.general_plugins`` entry point: S²FT folders load wherever vLLM loads LoRA adapters.
 
 vLLM runs general plugins in every process it starts (front end, engine core, workers) before it builds models, and
-may run them more than once per process, so :func:`register` is idempotent. It changes four things:
+may run them more than once per process, so :func:`register` is idempotent. It changes five things:
 
 - ``WorkerLoRAManager._load_adapter`` recognises S²FT folders (``peft_type: S2FT``) and builds the LoRAModel itself
   (``vllm_ext.loader``); other folders go to vLLM's loader unchanged. A malformed folder raises there, which fails
@@ -13,6 +13,8 @@ may run them more than once per process, so :func:`register` is idempotent. It c
   whose slots can also hold S²FT adapters (``vllm_ext.layers``), on every platform.
 - On CPU, the punica wrapper gives base-model tokens in a LoRA batch no adapter and groups each batch's tokens by
   slot for the S²FT layers (``vllm_ext.punica``).
+- ``LoRAConfig.verify_with_model_config`` refuses, where vLLM's Triton LoRA kernels run, dtypes they cannot run
+  (``vllm_ext.dtypes``): a float32 model fails when the engine's config is built, naming ``--dtype``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def register() -> None:
     _patch_loader()
     _patch_request_validation()
     _install_s2ft_layers()
+    _patch_lora_dtype_check()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -92,6 +95,22 @@ def _patch_request_validation() -> None:
             checked.add(key)
 
     InputProcessor._validate_lora = _validate_lora
+
+
+def _patch_lora_dtype_check() -> None:
+    from vllm.config.lora import LoRAConfig
+    from vllm.platforms import current_platform
+
+    from .dtypes import check_lora_dtypes
+
+    original = LoRAConfig.verify_with_model_config
+
+    @functools.wraps(original)
+    def verify_with_model_config(self, model_config):
+        original(self, model_config)  # resolves lora_dtype ("auto": the model's)
+        check_lora_dtypes(current_platform.get_punica_wrapper(), model_config.dtype, self.lora_dtype)
+
+    LoRAConfig.verify_with_model_config = verify_with_model_config
 
 
 def _install_s2ft_layers() -> None:

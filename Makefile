@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 GPU_VENV ?= .venv-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_STAMP := $(GPU_VENV)/.installed
-# on a machine without PyPI: WHEELS=DIR installs from a folder of downloaded packages (the dependencies, and hatchling
-# to build this project); GPU_VENV_FLAGS=--system-site-packages lets the venv use packages the machine already has
+# on a machine without PyPI: WHEELS=DIR installs from a folder of downloaded packages (README: what it must hold);
+# GPU_VENV_FLAGS=--system-site-packages lets the venv use packages the machine already has
 WHEELS ?=
 GPU_VENV_FLAGS ?=
 GPU_PIP := $(GPU_PY) -m pip install $(if $(WHEELS),--no-index --find-links $(WHEELS))
+# checked before anything is installed: vLLM 0.32 needs Python >= 3.11, and the torch it pins (2.13.0) is on PyPI a
+# CUDA 13.0 build (it requires cuda-toolkit 13.0.3), which needs an NVIDIA driver of branch 580 or newer
+GPU_MIN_DRIVER ?= 580
 
 # where `make demo` writes its tiny Llama and S2FT adapter, and the port `make serve` listens on (127.0.0.1 only)
 DEMO ?= outputs/quickstart
@@ -22,7 +25,7 @@ DEMO_ADAPTER := $(DEMO)/s2ft-adapter/adapter_model.safetensors
 # the request `make serve` prints: a greedy completion from the demo adapter (served as the model "s2ft-demo")
 SERVE_REQUEST := {"model": "s2ft-demo", "prompt": "Question: what is the capital of France? Answer:", "max_tokens": 8, "temperature": 0}
 
-.PHONY: demo test serve bench real-model gpu-check cuda-present
+.PHONY: demo test serve bench real-model gpu-check gpu-prerequisites
 
 # the start-up hook is copied into the venv at install time (pyproject.toml: force-include)
 $(STAMP): pyproject.toml Makefile _s2ft_plugin_autoload.py s2ft_plugin.pth
@@ -68,15 +71,18 @@ real-model: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 
-cuda-present:
+gpu-prerequisites:
 	@nvidia-smi -L >/dev/null 2>&1 || { echo "make gpu-check needs an NVIDIA GPU and its driver, and nvidia-smi found none. On CPU machines run make test and the benchmarks with .venv." >&2; exit 1; }
+	@driver=$$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1); \
+	[ "$${driver%%.*}" -ge $(GPU_MIN_DRIVER) ] 2>/dev/null || { echo "make gpu-check installs torch 2.13.0 (vLLM 0.32 pins it), a CUDA 13.0 build that needs an NVIDIA driver >= $(GPU_MIN_DRIVER), and this machine's driver is '$$driver': update the driver first." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "make gpu-check needs Python >= 3.11 (vLLM 0.32's floor), and PYTHON=$(PYTHON) is $$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo 'not found'): name another interpreter, e.g. make gpu-check PYTHON=python3.11" >&2; exit 1; }
 
-$(GPU_STAMP): pyproject.toml Makefile | cuda-present
+$(GPU_STAMP): pyproject.toml Makefile | gpu-prerequisites
 	$(PYTHON) -m venv $(GPU_VENV_FLAGS) $(GPU_VENV)
 	$(if $(WHEELS),,$(GPU_PY) -m pip install --upgrade pip)
 	# vllm (the CUDA build, `vllm` extra) pins torch and brings its CUDA wheels; DeepSpeed for the ZeRO tests
 	$(GPU_PIP) -e ".[trl,bnb,vllm,deepspeed,test]"
 	touch $(GPU_STAMP)
 
-gpu-check: cuda-present $(GPU_STAMP)
+gpu-check: gpu-prerequisites $(GPU_STAMP)
 	$(GPU_PY) benchmarks/gpu_check.py

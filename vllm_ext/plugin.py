@@ -19,6 +19,8 @@ may run them more than once per process, so :func:`register` is idempotent. It c
   whose slots can also hold S²FT adapters (``vllm_ext.layers``), on every platform.
 - On CPU, the punica wrapper gives base-model tokens in a LoRA batch no adapter and groups each batch's tokens by
   slot for the S²FT layers (``vllm_ext.punica``).
+- ``LoRAConfig.verify_with_model_config`` refuses, where vLLM's Triton LoRA kernels run, dtypes they cannot run
+  (``vllm_ext.dtypes``): a float32 model fails when the engine's config is built, naming ``--dtype``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def register() -> None:
     _patch_loader()
     _patch_request_validation()
     _install_s2ft_layers()
+    _patch_lora_dtype_check()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -134,6 +137,22 @@ def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
         return str(error)
     checked.add(key)
     return None
+
+
+def _patch_lora_dtype_check() -> None:
+    from vllm.config.lora import LoRAConfig
+    from vllm.platforms import current_platform
+
+    from .dtypes import check_lora_dtypes
+
+    original = LoRAConfig.verify_with_model_config
+
+    @functools.wraps(original)
+    def verify_with_model_config(self, model_config):
+        original(self, model_config)  # resolves lora_dtype ("auto": the model's)
+        check_lora_dtypes(current_platform.get_punica_wrapper(), model_config.dtype, self.lora_dtype)
+
+    LoRAConfig.verify_with_model_config = verify_with_model_config
 
 
 def _install_s2ft_layers() -> None:

@@ -151,7 +151,8 @@ class Served:
     def load(self, slot, adapter):
         """Put an S2FT adapter ({projection: k}) or a LoRA adapter (("lora", rank)) into ``slot``, as vLLM activates
         an adapter: ``set_lora`` on the layers it has weights for (vllm_ext's loader hands S2FT modules over as
-        (indices, delta) input side, (delta, indices) output side), ``reset_lora`` on the others."""
+        (indices, delta) input side, (delta, indices) output side, as ``s2ft_module`` prepares them), ``reset_lora``
+        on the others."""
         if isinstance(adapter, tuple):
             return self._load_lora(slot, adapter[1])
         o_proj, qkv_a, qkv_b = None, [None] * 3, [None] * 3
@@ -160,12 +161,12 @@ class Served:
         for projection, k in adapter.items():
             if SIDES[projection] == "input":
                 indices, delta = torch.randperm(O_IN, generator=self.generator)[:k], self._random(O_OUT, k)
-                o_proj = indices, delta
+                o_proj = self.layers["o_proj"].s2ft_module(0, indices, delta)
                 self.deltas[slot, "o_proj"][:, indices] = delta.double()
             else:
                 indices = torch.randperm(self.slices[projection], generator=self.generator)[:k]
                 delta, i = self._random(k, HIDDEN), list(self.slices).index(projection)
-                qkv_a[i], qkv_b[i] = delta, indices
+                qkv_b[i], qkv_a[i] = self.layers["qkv_proj"].s2ft_module(i, indices, delta)
                 self.deltas[slot, "qkv_proj"][self.offsets[projection] + indices] = delta.double()
         self.bounds.update({(slot, name): self.deltas[slot, name].abs() for name in self.shapes})
         self._set("o_proj", slot, *(o_proj or (None, None)))

@@ -75,6 +75,19 @@ def is_s2ft_folder(path: str) -> bool:
         return False
 
 
+def folder_state(path: str) -> tuple:
+    """What identifies the contents of an adapter folder's files, (inode, size, modification time) of each, for
+    remembering that a folder passed its checks (() when a file is missing)."""
+    state = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            stat = os.stat(os.path.join(path, name))
+        except OSError:
+            return ()
+        state.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
 def read_s2ft_adapter(path: str) -> S2FTAdapter:
     """Load and check an S²FT folder; raise :class:`MalformedS2FTAdapter` naming the first problem found."""
     where = f"S2FT adapter at {path!r}"

@@ -7,6 +7,9 @@ may run them more than once per process, so :func:`register` is idempotent. It c
   when it builds an engine config (after loading plugins): without it every start warned "Unknown vLLM environment
   variable detected" (and refused to start under ``--fail-on-environ-validation``). Being in the table also puts the
   setting into the hash of vLLM's compile cache, as it should: it sizes the S2FT buffers compiled graphs capture.
+- ``EngineArgs.from_cli_args``, where a server turns its command line into the engine's arguments, sizes the S²FT
+  buffers from the S²FT folders in ``--lora-modules`` unless ``VLLM_S2FT_MAX_K`` is set (``vllm_ext.capacity``):
+  the front end alone knows those paths, and the engine config it builds reaches every engine and worker process.
 - ``WorkerLoRAManager._load_adapter`` recognises S²FT folders (``peft_type: S2FT``) and builds the LoRAModel itself
   (``vllm_ext.loader``); other folders go to vLLM's loader unchanged. A malformed folder raises there, which fails
   ``add_lora`` cleanly.
@@ -38,6 +41,7 @@ def register() -> None:
     _REGISTERED = True
     _register_setting()
     _patch_loader()
+    _patch_startup_sizing()
     _patch_request_validation()
     _install_s2ft_layers()
     _patch_lora_dtype_check()
@@ -73,6 +77,27 @@ def _patch_loader() -> None:
         return load_s2ft_lora_model(self, path, lora_request.lora_int_id)
 
     WorkerLoRAManager._load_adapter = _load_adapter
+
+
+def _patch_startup_sizing() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.lora.utils import get_adapter_absolute_path
+
+    from .capacity import SETTING, SIZED, sized_from_adapters
+
+    original = EngineArgs.__dict__["from_cli_args"].__func__
+
+    @functools.wraps(original)
+    def from_cli_args(cls, args):
+        engine_args = original(cls, args)
+        modules = getattr(args, "lora_modules", None)  # the server's --lora-modules (LoRAModulePath list)
+        if engine_args.enable_lora and modules and SETTING not in os.environ:
+            sized = sized_from_adapters([get_adapter_absolute_path(module.path) for module in modules])
+            if sized is not None and isinstance(engine_args.additional_config, dict):
+                engine_args.additional_config = {**engine_args.additional_config, SIZED: sized}
+        return engine_args
+
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
 
 
 def _patch_request_validation() -> None:
@@ -117,22 +142,22 @@ def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
     """
     from vllm.lora.utils import get_adapter_absolute_path
 
-    from .adapter import CONFIG_NAME, WEIGHTS_NAME, is_s2ft_folder, read_s2ft_adapter
-    from .capacity import SETTING
+    from .adapter import folder_state, is_s2ft_folder, read_s2ft_adapter
+    from .capacity import SIZED, engine_setting
     from .validation import check_servable
 
     path = get_adapter_absolute_path(lora_path)  # as the worker resolves it (~, relative paths, hub ids)
     if input_processor.lora_config is None or not is_s2ft_folder(path):  # LoRA off: vLLM says so itself
         return None
-    key = (path, os.environ.get(SETTING), *(os.stat(os.path.join(path, name)).st_mtime_ns
-                                             for name in (CONFIG_NAME, WEIGHTS_NAME)
-                                             if os.path.exists(os.path.join(path, name))))
+    additional = input_processor.vllm_config.additional_config
+    setting = engine_setting(additional.get(SIZED) if isinstance(additional, dict) else None)
+    key = (path, setting, folder_state(path))
     checked = input_processor.__dict__.setdefault("_s2ft_checked", set())
     if remember and key in checked:
         return None
     try:
         check_servable(read_s2ft_adapter(path), input_processor.model_config.hf_config,
-                       input_processor.lora_config.target_modules)
+                       input_processor.lora_config.target_modules, setting)
     except ValueError as error:  # a client error (HTTP 400), not an engine failure (500)
         return str(error)
     checked.add(key)

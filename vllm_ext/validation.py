@@ -17,7 +17,7 @@ from s2ft_format.config import pattern_units, targets, unit_count, with_defaults
 from s2ft_format.tensors import check_delta, check_indices, check_present, stray_error
 
 from .adapter import PACKED, SIDES, S2FTAdapter
-from .capacity import check_capacity, max_k_per_projection
+from .capacity import check_capacity, engine_setting
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 KEY_VALUE = ("k_proj", "v_proj")
@@ -124,11 +124,14 @@ def check_fits_model(adapter: S2FTAdapter, config) -> dict[str, Projection]:
     return projections
 
 
-def check_servable(adapter: S2FTAdapter, config, target_modules=None) -> dict[str, Projection]:
+def check_servable(adapter: S2FTAdapter, config, target_modules=None, setting: str | None = None
+                   ) -> dict[str, Projection]:
     """Refuse an adapter the engine serving a model of ``config`` (a transformers config) with LoRA restricted to
-    ``target_modules`` (``--lora-target-modules``, None: all) would refuse; return its modules' projections."""
+    ``target_modules`` (``--lora-target-modules``, None: all) and S2FT buffers sized by ``setting`` (a
+    ``VLLM_S2FT_MAX_K`` value; None: ``vllm_ext.capacity.engine_setting()``) would refuse; return its modules'
+    projections."""
     projections = check_fits_model(adapter, config)
-    check_capacity(adapter, max_k_per_projection())
+    check_capacity(adapter, engine_setting() if setting is None else setting)
     for path in projections:
         projection = path.rpartition(".")[2]
         if target_modules is not None and not {projection, *_packed_names(projection)} & set(target_modules):

@@ -255,8 +255,8 @@ def main():
         times, _, cached, slot, _ = results[method]
         print(f"| {label} (max_lora_rank {ranks[method]}, VLLM_S2FT_MAX_K={max_k[method]}) | {parameters[method]:,} | "
               f"{disk[method] / mib:.2f} | "
-              f"{cached / mib:.2f} | {slot / mib:.2f} | " + " | ".join(f"{times[kind] * ms:.2f}" for kind in (FIRST, *KINDS))
-              + " |")
+              f"{cached / mib:.2f} | {slot / mib:.2f} | "
+              + " | ".join(f"{times[kind] * ms:.2f}" for kind in (FIRST, *KINDS)) + " |")
 
     print("\nWhere the time goes (mean ms per switch; the phases add up to the mean, not the median above):\n")
     print("| method | from | " + " | ".join(PHASES) + " | mean |")

@@ -30,7 +30,7 @@ DEFAULT = "o_proj=512,down_proj=512"
 SIZED = "s2ft_max_k"  # additional_config key: the sizes worked out from the --lora-modules adapters
 # k sized from adapters is rounded up to this: adapters of one recipe on one model share k, so exact sizes serve them;
 # rounding leaves room for a slightly wider one (a few more channels) at a bounded cost (at most 63 x the dense size
-# per slot, layer and projection), and 64 is a multiple of the CPU grouped GEMM's alignment and of the GPU kernels' tiles
+# per slot, layer and projection); 64 is a multiple of the CPU grouped GEMM's alignment and of the GPU kernels' tiles
 ROUNDING = 64
 
 
@@ -102,7 +102,7 @@ def check_capacity(adapter: S2FTAdapter, setting: str) -> None:
     elif setting == DEFAULT:
         origin = f"the default, {SETTING} being unset"
     else:
-        origin = f"the S2FT adapters given at start-up (--lora-modules) and the default {DEFAULT}, {SETTING} being unset"
+        origin = f"the S2FT adapters given at start-up (--lora-modules) and the default {DEFAULT}, {SETTING} unset"
     raise ValueError(
         f"S2FT adapter at {adapter.path!r}, module {path!r}: selects {module.k} "
         f"{'columns' if SIDES[projection] == 'input' else 'rows'} but the engine's S2FT buffers hold k <= "

@@ -2,12 +2,13 @@
 
 Each layer gets S²FT buffers of its own when the engine starts, per projection it packs (``qkv_proj``: q, k, v;
 ``gate_up_proj``: gate, up; ``o_proj``; ``down_proj``): a per-slot index table (slots x k, padded with position 0) and
-the deltas (zero where padded), with k from ``VLLM_S2FT_MAX_K`` (:mod:`vllm_ext.capacity`), independent of
-``--max-lora-rank``. Buffers are written in place when an adapter enters a slot and never reallocated, so CUDA graphs
-captured at start-up keep reading them.
+the deltas (zero where padded), with k from :mod:`vllm_ext.capacity` (the adapters a server starts with, or
+``VLLM_S2FT_MAX_K``), independent of ``--max-lora-rank``. Buffers are written in place when an adapter enters a slot
+and never reallocated, so CUDA graphs captured at start-up keep reading them.
 
 The loader hands an S²FT module to ``set_lora`` as a LoRA pair whose one-hot factor is replaced by its 1-D integer
-``indices`` (no LoRA factor is ever 1-D); ``apply`` adds the S²FT slots after vLLM's own base + LoRA computation
+``indices`` (no LoRA factor is ever 1-D), already cut to this rank's shard and laid out as the slot holds it
+(:meth:`S2FTLayerMixin.s2ft_module`); ``apply`` adds the S²FT slots after vLLM's own base + LoRA computation
 (:mod:`vllm_ext.sparse`). Slots holding LoRA adapters keep vLLM's LoRA buffers and kernels, so S²FT, LoRA and base
 requests mix in one batch. On CPU (eager), a layer skips the LoRA kernels and the S²FT projections that no slot of the
 batch uses; elsewhere everything runs every step, as graph capture needs.

@@ -18,7 +18,8 @@ Medians over ``--adapters`` adapters x ``--repeats`` rounds. Bytes: the adapter'
 ``LoRAModel``; and the slot memory the engine reserves (the tensors its LoRA layers hold beside the base weights,
 divided by ``max_loras``), which every slot costs whoever fills it.
 
-Where a switch's time goes (:class:`Phases`, means that add up to the mean switch): reading the folder (S2FT:
+Where a switch's time goes (:class:`Phases`; per phase the median over the same switches, robust to a busy spell of
+the machine, so the phases need not add up exactly to the median switch): reading the folder (S2FT:
 ``vllm_ext.loader.read_s2ft_adapter``; LoRA: vLLM's safetensors reading in ``LoRAModel.from_local_checkpoint``),
 checking it (S2FT: ``vllm_ext.loader.servable_projections``; LoRA: ``PEFTHelper`` and the manager's validations),
 building vLLM's objects (the rest of the load, and the manager's ``add_adapter``, which packs qkv/gate_up modules) and
@@ -183,7 +184,7 @@ def _slot_bytes(worker) -> int:
 
 
 def switch_times(base_dir: str, folders: list, max_lora_rank: int, max_k: str, phases: Phases, args):
-    """({kind: median seconds}, {kind: {phase: mean seconds}}, cached bytes of one adapter, slot bytes, read
+    """({kind: median seconds}, {kind: {phase: median seconds}}, cached bytes of one adapter, slot bytes, read
     bandwidth) on a fresh one-slot engine."""
     from vllm.lora.request import LoRARequest
 
@@ -193,7 +194,7 @@ def switch_times(base_dir: str, folders: list, max_lora_rank: int, max_k: str, p
                        max_cpu_loras=len(folders), max_model_len=64, max_num_seqs=4)
     requests = [LoRARequest(os.path.basename(path), i + 1, path) for i, path in enumerate(folders)]
     times = {kind: [] for kind in (FIRST, *KINDS)}
-    parts = {kind: dict.fromkeys(PHASES, 0.0) for kind in times}
+    parts = {kind: {phase: [] for phase in PHASES} for kind in times}
 
     def add(request, kind=None) -> None:
         phases.reset()
@@ -201,7 +202,7 @@ def switch_times(base_dir: str, folders: list, max_lora_rank: int, max_k: str, p
         if kind is not None:
             times[kind].append(seconds)
             for phase, value in phases.reset().items():
-                parts[kind][phase] += value
+                parts[kind][phase].append(value)
 
     add(requests[0])  # first-call work (imports, allocator warm-up) is not a switch
     llm.llm_engine.remove_lora(requests[0].lora_int_id)
@@ -223,8 +224,8 @@ def switch_times(base_dir: str, folders: list, max_lora_rank: int, max_k: str, p
     bandwidth = llm.collective_rpc(worker_read_bandwidth, args=(args.platform,))[0]
     stop_engine(llm)
     medians = {kind: statistics.median(values) for kind, values in times.items()}
-    means = {kind: {phase: value / len(times[kind]) for phase, value in parts[kind].items()} for kind in times}
-    return medians, means, cached, slot, bandwidth
+    breakdown = {kind: {phase: statistics.median(values) for phase, values in parts[kind].items()} for kind in times}
+    return medians, breakdown, cached, slot, bandwidth
 
 
 def main():
@@ -258,14 +259,14 @@ def main():
               f"{cached / mib:.2f} | {slot / mib:.2f} | "
               + " | ".join(f"{times[kind] * ms:.2f}" for kind in (FIRST, *KINDS)) + " |")
 
-    print("\nWhere the time goes (mean ms per switch; the phases add up to the mean, not the median above):\n")
-    print("| method | from | " + " | ".join(PHASES) + " | mean |")
+    print("\nWhere the time goes (ms, median of each phase over the same switches; the median switch beside them):\n")
+    print("| method | from | " + " | ".join(PHASES) + " | switch |")
     print("| --- | --- |" + " ---: |" * (len(PHASES) + 1))
     for method, label in labels.items():
         for kind in (FIRST, *KINDS):
-            means = results[method][1][kind]
-            print(f"| {label} | {kind} | " + " | ".join(f"{means[phase] * ms:.2f}" for phase in PHASES)
-                  + f" | {sum(means.values()) * ms:.2f} |")
+            parts = results[method][1][kind]
+            print(f"| {label} | {kind} | " + " | ".join(f"{parts[phase] * ms:.2f}" for phase in PHASES)
+                  + f" | {results[method][0][kind] * ms:.2f} |")
 
     s2ft_times, _, s2ft_cached, _, bandwidth = results["s2ft"]
     lora_times = results["lora"][0]

@@ -88,15 +88,19 @@ def folder_state(path: str) -> tuple:
     return tuple(state)
 
 
-def read_s2ft_adapter(path: str) -> S2FTAdapter:
-    """Load and check an S²FT folder; raise :class:`MalformedS2FTAdapter` naming the first problem found."""
+def read_s2ft_adapter(path: str, config: dict | None = None) -> S2FTAdapter:
+    """Load and check an S²FT folder; raise :class:`MalformedS2FTAdapter` naming the first problem found. ``config``:
+    the folder's config as read and checked before (by a worker that remembers the folder): only the weights are read.
+    """
     where = f"S2FT adapter at {path!r}"
-    config = _read_config(path, where)
+    config = _read_config(path, where) if config is None else config
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         raise MalformedS2FTAdapter(f"{where}: {WEIGHTS_NAME} is missing.")
     try:
-        tensors = load_file(weights)
+        # read into memory, not mapped: what the checks see is what the slots get, and vLLM's CPU cache of adapters
+        # holds memory, not pages of a file that can be rewritten (or truncated) under it
+        tensors = load_file(weights, backend="pread")
     except (SafetensorError, OSError) as error:
         raise MalformedS2FTAdapter(f"{where}: {WEIGHTS_NAME} is not a readable safetensors file ({error}).") from None
 

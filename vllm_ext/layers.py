@@ -56,8 +56,6 @@ def shard_s2ft(indices: torch.Tensor, delta: torch.Tensor, dim: int, start: int,
     applies: local indices and the matching slices of ``delta`` along ``dim`` (its k axis). Empty when none fall in.
     """
     keep = (indices >= start) & (indices < start + size)
-    if keep.all():  # the whole selection (always with one rank): nothing to cut
-        return indices - start if start else indices, delta
     return indices[keep] - start, delta.index_select(dim, keep.nonzero().squeeze(1))
 
 
@@ -68,7 +66,8 @@ class S2FTSlice:
     projection: str
     side: str  # "input": o_proj/down_proj columns; "output": rows of a q/k/v/gate/up slice
     index: torch.Tensor  # (slots, k) int64 local positions
-    # input side: (slots, 1, out, k) punica, (slots, k, out) grouped; output side: (slots, 1, k, in), (slots, in, k)
+    # input side: (slots, 1, out, k) punica, (slots, out, k) grouped; output side: (slots, 1, k, in), (slots, k, in):
+    # per slot, the adapter's own layout
     delta: torch.Tensor
     offset: int  # output side: first column of the slice in the layer's (local, packed) output
     grouped: bool  # CPU formulation (vllm_ext.sparse)
@@ -86,14 +85,13 @@ class S2FTSlice:
 
     @property
     def _k_dim(self) -> int:
-        """The k axis of one slot's delta: (K, out) / (out, K) on the input side, (in, K) / (K, in) on the output."""
-        return int(self.grouped == (self.side == "output"))
+        """The k axis of one slot's delta, (out, K) on the input side, (K, in) on the output side."""
+        return 1 if self.side == "input" else 0
 
     def layout(self, delta: torch.Tensor) -> torch.Tensor:
-        """A module's delta ((out, k) on the input side, (k, in) on the output side) as a slot holds it, in the
-        buffers' dtype; done once per adapter when it is loaded, so that entering a slot is one plain copy."""
-        delta = delta.to(self.delta.dtype)
-        return delta.t().contiguous() if self._k_dim != (1 if self.side == "input" else 0) else delta.contiguous()
+        """A module's delta ((out, k) on the input side, (k, in) on the output side) as a slot holds it: contiguous,
+        in the buffers' dtype (a copy only where the adapter's dtype differs)."""
+        return delta.to(self.delta.dtype).contiguous()
 
     def _positions(self, slot: int, start: int, stop: int) -> torch.Tensor:
         slot_delta = self.delta[slot] if self.grouped else self.delta[slot, 0]
@@ -179,10 +177,8 @@ class S2FTLayerMixin:
             offset = sum(self.output_slices[:slice_index])
         k = -(-min(max_k, axis) // K_ALIGNMENT) * K_ALIGNMENT
         grouped = current_platform.is_cpu() and grouped_fits(dtype, k, dense)
-        if self.s2ft_side == "input":
-            shape = (max_loras, k, dense) if grouped else (max_loras, 1, dense, k)
-        else:
-            shape = (max_loras, dense, k) if grouped else (max_loras, 1, k, dense)
+        shape = (dense, k) if self.s2ft_side == "input" else (k, dense)
+        shape = (max_loras, *shape) if grouped else (max_loras, 1, *shape)
         return S2FTSlice(
             projection=projection,
             side=self.s2ft_side,
@@ -229,9 +225,10 @@ class S2FTLayerMixin:
         local, the delta in the slot layout and dtype (:meth:`S2FTSlice.layout`). The loader calls this once per
         adapter, so that bringing a cached adapter into a slot copies each module's bytes once, nothing else."""
         s2ft_slice = self.s2ft_slices[slice_index]
-        start, size = self.s2ft_shard(slice_index)
-        dim = 1 if s2ft_slice.side == "input" else 0
-        indices, delta = shard_s2ft(indices.long(), delta, dim, start, size)
+        indices = indices.long()
+        if self.tp_size > 1:  # cut to this rank's shard (a single rank holds every row and column)
+            start, size = self.s2ft_shard(slice_index)
+            indices, delta = shard_s2ft(indices, delta, 1 if s2ft_slice.side == "input" else 0, start, size)
         if indices.numel() > s2ft_slice.k:  # the checks compare with the setting; this is what the buffers hold
             raise ValueError(f"{s2ft_slice.projection}: {indices.numel()} positions on this rank but its S2FT buffers "
                              f"hold {s2ft_slice.k}; restart the engine with a larger {SETTING}.")

@@ -43,17 +43,18 @@ class Placement:
 
 def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
     """The S²FT adapter in ``path`` as a LoRAModel for ``worker_manager`` (a vLLM ``WorkerLoRAManager``)."""
-    before = folder_state(path)
-    adapter = read_s2ft_adapter(path)
-    unchanged = before and folder_state(path) == before  # the files read are the ones the key names
-    checked = worker_manager.__dict__.setdefault("_s2ft_checked", {})  # key -> {module path: Placement}
+    checked = worker_manager.__dict__.setdefault("_s2ft_checked", {})  # key -> (config, {module path: Placement})
     setting = engine_setting(_started_with(worker_manager))
+    before = folder_state(path)
     key = (path, setting, before)
-    placements = checked.get(key) if unchanged else None
+    config, placements = checked.get(key, (None, None))
+    adapter = read_s2ft_adapter(path, config)
+    if not before or folder_state(path) != before:  # the files changed while being read: check what was read
+        placements = None
     if placements is None:
         placements = servable_projections(worker_manager, adapter, setting)
-        if unchanged:
-            checked[key] = placements
+        if before and folder_state(path) == before:
+            checked[key] = adapter.config, placements
 
     loras = {}
     for module_path, module in adapter.modules.items():

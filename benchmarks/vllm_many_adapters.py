@@ -22,6 +22,11 @@ the last token, and where the adapters came from: slot loads (an adapter enterin
 ``activate_adapter`` of an adapter not in a slot), the share of them served from vLLM's CPU cache rather than disk
 (CPU-cache hit rate), and requests per slot load (each request whose adapter was already in a slot needs none).
 
+Slots bound how many distinct adapters one batch can hold (vLLM schedules a request only when its adapter has or can
+get a slot), so with fewer slots than requests in flight both adapter engines batch fewer requests than the base
+model whatever their adapters cost; the default gives as many slots as requests in flight (32, an S2FT slot costing
+one adapter's bytes) and a CPU cache of 128 of the 1,000 adapters.
+
 Targets (issue 18): S2FT >= 0.6x the base model and >= 2x LoRA, with each distribution. The run prints whether each is
 met. The default sizes finish in about 10 minutes on a 2-core CPU; ``--adapters 100 --requests 48`` is a quick check.
 
@@ -65,7 +70,7 @@ def parse_args():
     parser.add_argument("--adapters", type=int, default=1000, help="adapters per method on disk")
     parser.add_argument("--requests", type=int, default=256, help="requests per timed stream")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (closed loop)")
-    parser.add_argument("--max-loras", type=int, default=16, help="adapter slots of the adapter engines")
+    parser.add_argument("--max-loras", type=int, default=32, help="adapter slots of the adapter engines")
     parser.add_argument("--max-cpu-loras", type=int, default=128, help="adapters vLLM's CPU cache holds")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")

@@ -15,6 +15,7 @@ from vllm.lora.utils import parse_fine_tuned_lora_name
 from .adapter import PREFIX, check_dims, read_s2ft_adapter
 from .capacity import SETTING, check_capacity, max_k_per_projection
 from .layers import S2FTLayerMixin
+from .moe import experts_lora_weights
 
 
 def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
@@ -52,6 +53,9 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
         delta = module.delta.to(lora_config.lora_dtype)
         lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
         loras[name] = LoRALayerWeights(name, module.k, module.k, lora_a, lora_b, scaling=1.0)
+    for module_path, module in adapter.experts.items():
+        name, weights = experts_lora_weights(manager, path, module_path, module)
+        loras[name] = weights
     return LoRAModel(lora_id, adapter.max_k, loras)
 
 

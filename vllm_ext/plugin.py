@@ -35,6 +35,9 @@ def register() -> None:
 
     if current_platform.is_cpu():
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: "vllm_ext.punica.S2FTPunicaWrapperCPU")
+        from .moe import install
+
+        install()  # S2FT (and no LoRA) on fused MoE experts
 
 
 def _patch_loader() -> None:

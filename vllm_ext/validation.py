@@ -12,6 +12,7 @@ import re
 
 from .adapter import PACKED, MalformedS2FTAdapter, S2FTAdapter, check_dims
 from .capacity import check_capacity, max_k_per_projection
+from .experts import check_experts_fit
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MODULE_PATH = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
@@ -43,6 +44,7 @@ def check_servable(adapter: S2FTAdapter, config, target_modules=None) -> None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = text_config.num_hidden_layers
     dims = projection_dims(text_config)
+    check_experts_fit(adapter, text_config)
     for path, module in adapter.modules.items():
         where = f"S2FT adapter at {adapter.path!r}, module {path!r}"
         match = MODULE_PATH.fullmatch(path)

@@ -14,9 +14,10 @@ from vllm_support import build_checkpoints
 
 from s2ft_plugin.architectures import LLAMA_NAMES
 from s2ft_plugin.structure import ROLES
-from vllm_ext.adapter import EXPERT_DELTAS, PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
+from vllm_ext.adapter import PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
 from vllm_ext.convert import main as convert_main
+from vllm_ext.experts import EXPERT_DELTAS
 
 
 CONVERTED = ["inputs", "outputs", "both"]  # k within vLLM's LoRA ranks
@@ -38,7 +39,7 @@ def test_tables_match_their_sources():
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
     assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
     assert {packed: list(names) for packed, names in PACKED.items()} == LlamaForCausalLM.packed_modules_mapping
-    assert set(EXPERT_DELTAS) == set(DELTAS.values())
+    assert EXPERT_DELTAS == DELTAS
 
 
 @pytest.mark.parametrize("name", CONVERTED)
@@ -212,13 +213,21 @@ def test_base_tokens_get_no_adapter_in_a_full_lora_batch():
     assert not torch.allclose(outputs[PunicaWrapperCPU], expected)  # vLLM's own: base rows get the last slot
 
 
-def test_moe_expert_deltas_are_refused_by_name(tmp_path):
+def test_moe_expert_deltas_are_read_and_not_converted(tmp_path):
     from peft import get_peft_model
 
     from s2ft_plugin import S2FTConfig
     from s2ft_plugin.tiny import build_model
 
-    model = get_peft_model(build_model("mixtral"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))
-    model.save_pretrained(tmp_path)
-    with pytest.raises(MalformedS2FTAdapter, match=r"experts\.s2ft_down_delta' is an MoE expert delta; vLLM's LoRA"):
-        read_s2ft_adapter(str(tmp_path))
+    config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, target_modules=["o_proj", "experts.gate_up_proj"])
+    model = get_peft_model(build_model("mixtral"), config)
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = read_s2ft_adapter(str(tmp_path / "adapter"))
+    saved = model.base_model.model.model.layers[1].mlp.experts
+    experts = adapter.experts["model.layers.1.mlp.experts"]
+    assert torch.equal(experts.channels, saved.s2ft_indices["default"])
+    assert torch.equal(experts.up, saved.s2ft_up_delta["default"]) and experts.down is None
+    assert set(adapter.modules) == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    with pytest.raises(MalformedS2FTAdapter, match=r"'model\.layers\.0\.mlp\.experts': the converter exports dense "):
+        convert_s2ft_to_lora(str(tmp_path / "adapter"), str(tmp_path / "lora"))
+    assert not (tmp_path / "lora").exists()

@@ -324,14 +324,16 @@ def _refuse_lora_on_experts() -> None:
 
     @functools.wraps(load)
     def _load_adapter(self, lora_request):
-        lora = load(self, lora_request)
-        if not is_s2ft_folder(get_adapter_absolute_path(lora_request.lora_path)):
-            moe_layers = [name for name, layer in self._adapter_manager.modules.items()
-                          if isinstance(layer, FusedMoEWithLoRA)]
-            adapted = next((name for name in lora.loras
-                            if any(name == layer or name.startswith(layer + ".") for layer in moe_layers)), None)
-            if adapted is not None:
-                raise ValueError(lora_on_experts_message(lora_request.lora_path, adapted))
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        if is_s2ft_folder(path) or not any(isinstance(layer, FusedMoEWithLoRA)
+                                           for layer in self._adapter_manager.modules.values()):
+            return load(self, lora_request)
+        adapted = _expert_tensor(path)  # before vLLM's loader, whose own MoE format checks suggest other settings
+        if adapted is None:
+            lora = load(self, lora_request)
+            adapted = next((name for name in lora.loras if ".experts." in f".{name}."), None)  # .bin, .pt folders
+        if adapted is not None:
+            raise ValueError(lora_on_experts_message(lora_request.lora_path, adapted))
         return lora
 
     validate = InputProcessor._validate_lora

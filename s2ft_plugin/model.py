@@ -10,6 +10,8 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 
+from s2ft_format.tensors import check_delta, check_present, stray_error
+
 from .bnb import bnb_layer_class, standard_4bit_layouts
 from .combine import add_weighted_adapter
 from .config import S2FTConfig
@@ -381,27 +383,13 @@ def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict
         keys = (f"{path}.s2ft_indices.{adapter_name}", f"{path}.s2ft_delta.{adapter_name}")
         expected.update(keys)
         indices, delta = (state_dict.get(key) for key in keys)
-        if indices is None or delta is None:
-            raise ValueError(
-                f"{where} has no {'indices' if indices is None else 'delta'}; the adapter was saved for other target "
-                "modules or is incomplete."
-            )
-        shape = module.s2ft_delta[adapter_name].shape
+        check_present(where, indices, delta)  # the checks vLLM and the converter make (s2ft_format), in this order
         try:
             module.check_indices(adapter_name, indices, expected_count=module.s2ft_indices[adapter_name].numel())
         except ValueError as error:
             raise ValueError(f"{error} Module: '{path.removeprefix(_PEFT_PREFIX)}'.") from None
-        if tuple(delta.shape) != tuple(shape):
-            raise ValueError(
-                f"{where} has a delta of shape {tuple(delta.shape)} but this base model needs {tuple(shape)}."
-            )
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"{where} has a delta holding NaN or infinite values; it was not loaded.")
+        check_delta(where, delta, module.s2ft_delta[adapter_name].shape)
     # PEFT names only the keys that match an adapted module; the others keep their saved names
     for key in state_dict:
         if key not in expected and ".s2ft_" in key:
-            raise ValueError(
-                f"S2FT adapter '{adapter_name}' holds '{key.removeprefix(_PEFT_PREFIX)}', which has no place in this "
-                "model: the adapter was trained on a model with other layers or projections, or its config does not "
-                "name all its target modules."
-            )
+            raise stray_error(f"S2FT adapter '{adapter_name}'", key.removeprefix(_PEFT_PREFIX))

@@ -96,8 +96,10 @@ def _deeper_model(tensors):
 
 
 @pytest.mark.parametrize("name,edit,message", [
-    ("broken_range", _out_of_range, "s2ft_indices reach [0-9]+ but the served model's experts have 256 channels"),
-    ("broken_layer", _deeper_model, "'model.layers.7.mlp.experts': the served model has no such experts module"),
+    ("broken_range", _out_of_range, r"experts' \(channels of 4 experts with 256 channels each\): indices must lie in "
+                                    r"\[0, 256\)"),
+    ("broken_layer", _deeper_model, "'model.layers.1.mlp.experts' has no indices; the adapter was saved for other "
+                                    "target modules or is incomplete"),
 ])
 def test_expert_adapters_that_do_not_fit_are_refused(served, name, edit, message):
     llm, root, adapters, references = served
@@ -111,17 +113,20 @@ def test_expert_adapters_that_do_not_fit_are_refused(served, name, edit, message
     assert_matches(generate(llm, [lora_request(adapters, "experts_down")]), expected(references, ["experts_down"]))
 
 
-def test_expert_adapters_are_refused_off_cpu(served, monkeypatch):
+def test_expert_adapters_are_refused_off_cpu_and_outside_the_lora_targets(served, monkeypatch):
     from vllm.platforms import current_platform
 
     from vllm_ext.adapter import read_s2ft_adapter
-    from vllm_ext.experts import check_experts_fit
+    from vllm_ext.validation import check_servable
 
     llm, _, adapters, _ = served
-    adapter = read_s2ft_adapter(adapters["experts_down"])
+    adapter, config = read_s2ft_adapter(adapters["experts_down"]), llm.llm_engine.model_config.hf_config
+    check_servable(adapter, config)
+    with pytest.raises(ValueError, match=r"experts': the engine serves LoRA only on --lora-target-modules"):
+        check_servable(adapter, config, target_modules=["o_proj"])
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     with pytest.raises(ValueError, match="fused MoE experts are served on vLLM's CPU platform only"):
-        check_experts_fit(adapter, llm.llm_engine.model_config.hf_config)
+        check_servable(adapter, config)
 
 
 @pytest.mark.parametrize("dtype,isa", [(torch.float32, "vec"), (torch.bfloat16, "vec"), (torch.bfloat16, "amx")])

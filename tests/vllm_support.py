@@ -37,7 +37,7 @@ MAX_TOKENS = 8
 
 def build_checkpoints(root, names=None, **model_overrides) -> tuple[str, dict]:
     """(base model folder, {adapter name: adapter folder}) under ``root``, for ``names`` (default: every adapter)."""
-    base_dir = save_checkpoint(str(root / "base"), "llama", **MODEL, **model_overrides)
+    base_dir = save_checkpoint(str(root / "base"), "llama", **{**MODEL, **model_overrides})
     adapters = {}
     for name in names or [*S2FT_ADAPTERS, *LORA_ADAPTERS]:
         if name in S2FT_ADAPTERS:

@@ -56,6 +56,6 @@ def check_capacity(adapter: S2FTAdapter, limits: dict[str, int]) -> None:
     setting = ",".join(f"{name}={k}" for name, k in needed.items() if k)
     raise ValueError(
         f"S2FT adapter at {adapter.path!r}, module {path!r}: selects {module.k} "
-        f"{'columns' if module.side == 'input' else 'rows'} but the engine's S2FT buffers hold k <= "
+        f"{'columns' if SIDES[projection] == 'input' else 'rows'} but the engine's S2FT buffers hold k <= "
         f"{limits[projection]} for {projection}; restart it with {SETTING}='{setting}' (or more)."
     )

@@ -2,8 +2,10 @@
 
 Every way vLLM loads an adapter (offline ``LoRARequest``, ``--lora-modules``, ``/v1/load_lora_adapter``) ends in
 ``WorkerLoRAManager._load_adapter`` in the worker process, so that is the one place an S²FT folder is recognised.
-Each module becomes a LoRA pair whose one-hot factor is replaced by its 1-D integer indices, which only the S²FT
-layers (``vllm_ext.layers``) accept; a module whose layer has no S²FT buffers is refused, never converted.
+The folder is checked as the front end checks it (``vllm_ext.validation``: PEFT's checks against the served model's
+config, and the engine's buffers). Each module becomes a LoRA pair whose one-hot factor is replaced by its 1-D integer
+indices, which only the S²FT layers (``vllm_ext.layers``) accept; a module whose layer has no S²FT buffers is refused,
+never converted.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.utils import parse_fine_tuned_lora_name
 
-from .adapter import PREFIX, check_dims, read_s2ft_adapter
-from .capacity import SETTING, check_capacity, max_k_per_projection
+from .adapter import PREFIX, read_s2ft_adapter
+from .capacity import SETTING
 from .layers import S2FTLayerMixin
 from .moe import experts_lora_weights
+from .validation import check_servable
 
 
 def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
@@ -23,7 +26,7 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
     manager = worker_manager._adapter_manager
     lora_config = worker_manager.lora_config
     adapter = read_s2ft_adapter(path)
-    check_capacity(adapter, max_k_per_projection())
+    projections = check_servable(adapter, manager.model.config, lora_config.target_modules)
     mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
     owners = _layer_owners(manager)
@@ -44,14 +47,15 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
                 f"(S2FT serves q/k/v/gate/up_proj slices of qkv_proj/gate_up_proj and o_proj/down_proj, with "
                 f"{SETTING} naming the projection)."
             )
-        out_features, in_features = _dims(layer, slice_index)
-        if module.side == "input":
-            axis_size, projection_dim = in_features, out_features
-        else:
-            axis_size, projection_dim = out_features, in_features
-        check_dims(where, module, axis_size, projection_dim)
-        delta = module.delta.to(lora_config.lora_dtype)
-        lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
+        projection, dims = projections[module_path], _dims(layer, slice_index)
+        if dims != (projection.out_features, projection.in_features):
+            raise ValueError(  # the model config's sizes, which the adapter was checked against, are not the layer's
+                f"{where}: vLLM's layer {name!r} is {dims} (out, in) but the model config gives "
+                f"{(projection.out_features, projection.in_features)}; S2FT serves models whose projections have "
+                "Llama's sizes."
+            )
+        delta, indices = module.delta.to(lora_config.lora_dtype), module.indices.long()
+        lora_a, lora_b = (indices, delta) if projection.side == "input" else (delta, indices)
         loras[name] = LoRALayerWeights(name, module.k, module.k, lora_a, lora_b, scaling=1.0)
     for module_path, module in adapter.experts.items():
         name, weights = experts_lora_weights(manager, path, module_path, module)

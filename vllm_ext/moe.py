@@ -34,7 +34,7 @@ from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.lora_experts_mixin import LoRAExpertsMixin
 
-from .experts import S2FTExperts
+from .experts import EXPERT_DELTAS, S2FTExperts
 
 K_ALIGNMENT = 8  # channels per slot are padded to a multiple of this: torch._grouped_mm reads 16-byte rows
 # the experts' gated activation g([gate | up]) = act(gate) * up, as vLLM's CPU kernel computes it
@@ -259,8 +259,9 @@ def _is_channels(factor) -> bool:
 
 
 def experts_lora_weights(manager, path: str, module_path: str, module: S2FTExperts) -> tuple[str, LoRALayerWeights]:
-    """(vLLM module name, LoRA weights for :class:`S2FTFusedMoEWithLoRA`) of one S²FT experts module, or a ValueError
-    naming why the served model cannot hold it; ``manager`` is vLLM's LoRA model manager."""
+    """(vLLM module name, LoRA weights for :class:`S2FTFusedMoEWithLoRA`) of one S²FT experts module (checked against
+    the model's config, ``vllm_ext.validation``), or a ValueError naming why the served layer cannot hold it;
+    ``manager`` is vLLM's LoRA model manager."""
     where = f"S2FT adapter at {path!r}, module {module_path!r}"
     layer_prefix = module_path.rpartition(".mlp.")[0] + "."  # vLLM names the block differently (Mixtral)
     names = [name for name, layer in manager.modules.items()
@@ -273,14 +274,16 @@ def experts_lora_weights(manager, path: str, module_path: str, module: S2FTExper
               else "the plugin serves S2FT expert deltas on vLLM's CPU platform only")
     if reason is not None:
         raise ValueError(f"{where}: vLLM's MoE layer {name!r} cannot hold S2FT expert deltas: {reason}.")
+    deltas = {part: module.delta(part) for part in EXPERT_DELTAS if module.delta(part) is not None}
+    channels = module.channels.long()
+    hidden = deltas["down_proj"].shape[1] if "down_proj" in deltas else next(iter(deltas.values())).shape[2]
     config = layer.moe_config
     dims = (config.num_local_experts, config.intermediate_size_per_partition_unpadded, config.hidden_dim)
-    if (module.num_experts, module.hidden) != (dims[0], dims[2]) or int(module.channels.max()) >= dims[1]:
+    if (channels.shape[0], hidden) != (dims[0], dims[2]) or int(channels.max()) >= dims[1]:
         raise ValueError(f"{where}: vLLM's layer {name!r} has {dims[0]} experts of {dims[1]} channels and hidden size "
-                         f"{dims[2]}; the adapter does not fit it (trained on another model).")
-    parts = module.parts()
-    lora_a = [parts.get("gate_proj"), module.channels, parts.get("up_proj")]
-    lora_b = [module.channels, parts.get("down_proj"), module.channels]
+                         f"{dims[2]}, which the model config does not give; S2FT serves experts of the config's sizes.")
+    lora_a = [deltas.get("gate_proj"), channels, deltas.get("up_proj")]
+    lora_b = [channels, deltas.get("down_proj"), channels]
     return name, LoRALayerWeights(name, module.k, module.k, lora_a, lora_b, scaling=1.0)
 
 
@@ -315,7 +318,7 @@ def _refuse_lora_on_experts() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from .adapter import is_s2ft_folder
-    from .experts import experts_dims
+    from .experts import moe_dims
 
     class RefusedLoRAOnExperts(VLLMValidationError, ValueError):
         """A request names a LoRA adapter on fused MoE experts, which vLLM cannot apply on CPU (HTTP 400)."""
@@ -341,7 +344,7 @@ def _refuse_lora_on_experts() -> None:
     @functools.wraps(validate)
     def _validate_lora(self, lora_request):
         validate(self, lora_request)
-        if lora_request is None or experts_dims(self.model_config.hf_config.get_text_config()) is None:
+        if lora_request is None or moe_dims(self.model_config.hf_config.get_text_config()) is None:
             return
         path = get_adapter_absolute_path(lora_request.lora_path)
         if is_s2ft_folder(path):

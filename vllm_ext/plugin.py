@@ -1,18 +1,26 @@
 """The ``vllm.general_plugins`` entry point: S²FT folders load wherever vLLM loads LoRA adapters.
 
 vLLM runs general plugins in every process it starts (front end, engine core, workers) before it builds models, and
-may run them more than once per process, so :func:`register` is idempotent. It changes four things:
+may run them more than once per process, so :func:`register` is idempotent. It changes these things:
 
+- ``VLLM_S2FT_MAX_K`` joins ``vllm.envs.environment_variables``, the table vLLM checks ``VLLM_*`` variables against
+  when it builds an engine config (after loading plugins): without it every start warned "Unknown vLLM environment
+  variable detected" (and refused to start under ``--fail-on-environ-validation``). Being in the table also puts the
+  setting into the hash of vLLM's compile cache, as it should: it sizes the S2FT buffers compiled graphs capture.
 - ``WorkerLoRAManager._load_adapter`` recognises S²FT folders (``peft_type: S2FT``) and builds the LoRAModel itself
   (``vllm_ext.loader``); other folders go to vLLM's loader unchanged. A malformed folder raises there, which fails
-  ``add_lora`` and ``/v1/load_lora_adapter`` cleanly.
-- ``InputProcessor._validate_lora`` makes the loader's checks (``vllm_ext.validation``) on an S²FT folder named by a
-  request before the request is queued: a worker that fails to load an adapter in the middle of a batch takes the
-  engine down with it.
+  ``add_lora`` cleanly.
+- The front end makes the loader's checks (``vllm_ext.validation``) on an S²FT folder before a worker sees it, so an
+  unfit adapter is a client error (HTTP 400), never a worker failure: ``InputProcessor._validate_lora`` for a request
+  naming the folder (a worker that fails to load an adapter in the middle of a batch takes the engine down with it),
+  and ``OpenAIServingModels._check_load_lora_adapter_request`` for ``/v1/load_lora_adapter`` and ``--lora-modules``
+  (vLLM answers 500 for any failure of the worker's ``add_lora``).
 - vLLM's row-parallel, merged-column and merged-qkv LoRA layers (plain and fully sharded) are replaced by subclasses
   whose slots can also hold S²FT adapters (``vllm_ext.layers``), on every platform.
 - On CPU, the punica wrapper gives base-model tokens in a LoRA batch no adapter and groups each batch's tokens by
   slot for the S²FT layers (``vllm_ext.punica``).
+- ``LoRAConfig.verify_with_model_config`` refuses, where vLLM's Triton LoRA kernels run, dtypes they cannot run
+  (``vllm_ext.dtypes``): a float32 model fails when the engine's config is built, naming ``--dtype``.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
+    _register_setting()
     _patch_loader()
     _patch_request_validation()
     _install_s2ft_layers()
+    _patch_lora_dtype_check()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -38,6 +48,14 @@ def register() -> None:
         from .moe import install
 
         install()  # S2FT (and no LoRA) on fused MoE experts
+
+
+def _register_setting() -> None:
+    import vllm.envs as envs
+
+    from .capacity import DEFAULT, SETTING
+
+    envs.environment_variables.setdefault(SETTING, lambda: os.environ.get(SETTING, DEFAULT))
 
 
 def _patch_loader() -> None:
@@ -61,40 +79,83 @@ def _patch_loader() -> None:
 
 
 def _patch_request_validation() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve import create_error_response
     from vllm.exceptions import VLLMValidationError
-    from vllm.lora.utils import get_adapter_absolute_path
     from vllm.v1.engine.input_processor import InputProcessor
+
+    class RefusedS2FTAdapter(VLLMValidationError, ValueError):
+        """A request names an S²FT adapter the engine would refuse (the server answers 400)."""
+
+    original_validate = InputProcessor._validate_lora
+
+    @functools.wraps(original_validate)
+    def _validate_lora(self, lora_request):
+        original_validate(self, lora_request)
+        if lora_request is not None:
+            refusal = _refusal(self, lora_request.lora_path, remember=True)
+            if refusal is not None:
+                raise RefusedS2FTAdapter(refusal)
+
+    original_check_load = OpenAIServingModels._check_load_lora_adapter_request
+
+    @functools.wraps(original_check_load)
+    async def _check_load_lora_adapter_request(self, request):
+        error = await original_check_load(self, request)
+        if error is not None:
+            return error
+        refusal = _refusal(self.input_processor, request.lora_path, remember=False)
+        return None if refusal is None else create_error_response(refusal)  # 400 BadRequestError
+
+    InputProcessor._validate_lora = _validate_lora
+    OpenAIServingModels._check_load_lora_adapter_request = _check_load_lora_adapter_request
+
+
+def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
+    """Why the engine of ``input_processor`` (a vLLM ``InputProcessor``) would refuse the S²FT folder ``lora_path``;
+    None for a servable S²FT folder or any other folder (vLLM judges those).
+
+    With ``remember`` (per request) a folder that passed is read again only when its files change; failures are not
+    remembered.
+    """
+    from vllm.lora.utils import get_adapter_absolute_path
 
     from .adapter import CONFIG_NAME, WEIGHTS_NAME, is_s2ft_folder, read_s2ft_adapter
     from .capacity import SETTING
     from .validation import check_servable
 
-    class RefusedS2FTAdapter(VLLMValidationError, ValueError):
-        """A request names an S²FT adapter the engine would refuse (the server answers 400)."""
+    path = get_adapter_absolute_path(lora_path)  # as the worker resolves it (~, relative paths, hub ids)
+    if input_processor.lora_config is None or not is_s2ft_folder(path):  # LoRA off: vLLM says so itself
+        return None
+    key = (path, os.environ.get(SETTING), *(os.stat(os.path.join(path, name)).st_mtime_ns
+                                             for name in (CONFIG_NAME, WEIGHTS_NAME)
+                                             if os.path.exists(os.path.join(path, name))))
+    checked = input_processor.__dict__.setdefault("_s2ft_checked", set())
+    if remember and key in checked:
+        return None
+    try:
+        check_servable(read_s2ft_adapter(path), input_processor.model_config.hf_config,
+                       input_processor.lora_config.target_modules)
+    except ValueError as error:  # a client error (HTTP 400), not an engine failure (500)
+        return str(error)
+    checked.add(key)
+    return None
 
-    original = InputProcessor._validate_lora
+
+def _patch_lora_dtype_check() -> None:
+    from vllm.config.lora import LoRAConfig
+    from vllm.platforms import current_platform
+
+    from .dtypes import check_lora_dtypes
+
+    original = LoRAConfig.verify_with_model_config
 
     @functools.wraps(original)
-    def _validate_lora(self, lora_request):
-        original(self, lora_request)
-        if lora_request is None:
-            return
-        path = get_adapter_absolute_path(lora_request.lora_path)  # as the worker resolves it (~, relative, hub id)
-        if not is_s2ft_folder(path):
-            return
-        # per request, but a folder is read again only when its files change (failures are not remembered)
-        key = (path, os.environ.get(SETTING), *(os.stat(os.path.join(path, name)).st_mtime_ns
-                                                 for name in (CONFIG_NAME, WEIGHTS_NAME)
-                                                 if os.path.exists(os.path.join(path, name))))
-        checked = self.__dict__.setdefault("_s2ft_checked", set())
-        if key not in checked:
-            try:
-                check_servable(read_s2ft_adapter(path), self.model_config.hf_config, self.lora_config.target_modules)
-            except ValueError as error:  # a client error (HTTP 400), not an engine failure (500)
-                raise RefusedS2FTAdapter(str(error)) from None
-            checked.add(key)
+    def verify_with_model_config(self, model_config):
+        original(self, model_config)  # resolves lora_dtype ("auto": the model's)
+        check_lora_dtypes(current_platform.get_punica_wrapper(), model_config.dtype, self.lora_dtype)
 
-    InputProcessor._validate_lora = _validate_lora
+    LoRAConfig.verify_with_model_config = verify_with_model_config
 
 
 def _install_s2ft_layers() -> None:

@@ -100,11 +100,10 @@ def read_s2ft_adapter(path: str) -> S2FTAdapter:
         grouped.setdefault(module, {})[kind] = tensor
     if not grouped:
         raise MalformedS2FTAdapter(f"{where}: {WEIGHTS_NAME} holds no tensors.")
-    experts = {name for name, parts in grouped.items() if set(parts) & set(EXPERT_DELTAS.values())}
+    experts = {name: S2FTExperts(parts) for name, parts in grouped.items() if set(parts) & set(EXPERT_DELTAS.values())}
     modules = {name: S2FTModule(parts.get("s2ft_indices"), parts.get("s2ft_delta")) for name, parts in grouped.items()
                if name not in experts}
-    return S2FTAdapter(path=path, config=config, modules=modules,
-                       experts={name: S2FTExperts(grouped[name]) for name in experts})
+    return S2FTAdapter(path=path, config=config, modules=modules, experts=experts)
 
 
 def _read_config(path: str, where: str) -> dict:

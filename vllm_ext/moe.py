@@ -312,16 +312,10 @@ def install() -> None:
 
 
 def _refuse_lora_on_experts() -> None:
-    from vllm.exceptions import VLLMValidationError
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import WorkerLoRAManager
-    from vllm.v1.engine.input_processor import InputProcessor
 
     from .adapter import is_s2ft_folder
-    from .experts import moe_dims
-
-    class RefusedLoRAOnExperts(VLLMValidationError, ValueError):
-        """A request names a LoRA adapter on fused MoE experts, which vLLM cannot apply on CPU (HTTP 400)."""
 
     load = WorkerLoRAManager._load_adapter
 
@@ -339,22 +333,30 @@ def _refuse_lora_on_experts() -> None:
             raise ValueError(lora_on_experts_message(lora_request.lora_path, adapted))
         return lora
 
-    validate = InputProcessor._validate_lora
-
-    @functools.wraps(validate)
-    def _validate_lora(self, lora_request):
-        validate(self, lora_request)
-        if lora_request is None or moe_dims(self.model_config.hf_config.get_text_config()) is None:
-            return
-        path = get_adapter_absolute_path(lora_request.lora_path)
-        if is_s2ft_folder(path):
-            return
-        adapted = _expert_tensor(path)
-        if adapted is not None:
-            raise RefusedLoRAOnExperts(lora_on_experts_message(lora_request.lora_path, adapted))
-
     WorkerLoRAManager._load_adapter = _load_adapter
-    InputProcessor._validate_lora = _validate_lora
+
+
+def experts_refusal(input_processor, path: str) -> str | None:
+    """Why the CPU engine of ``input_processor`` (a vLLM ``InputProcessor``) would refuse the adapter folder ``path``
+    for what it holds on fused MoE experts (LoRA on them; S2FT on them with the experts split across ranks); None
+    otherwise. The front end asks before a worker sees the folder."""
+    from vllm.platforms import current_platform
+
+    from .adapter import is_s2ft_folder
+    from .experts import moe_dims
+
+    if not current_platform.is_cpu() or moe_dims(input_processor.model_config.hf_config.get_text_config()) is None:
+        return None
+    adapted = _expert_tensor(path)
+    if adapted is None:
+        return None
+    if not is_s2ft_folder(path):
+        return lora_on_experts_message(path, adapted)
+    parallel = input_processor.vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.enable_expert_parallel:  # the worker's loader would refuse it
+        return (f"S2FT adapter at {path!r} adapts fused MoE experts, which the plugin serves with tensor parallel "
+                "size 1 and no expert parallelism.")
+    return None
 
 
 def lora_on_experts_message(path: str, tensor: str) -> str:
@@ -363,11 +365,17 @@ def lora_on_experts_message(path: str, tensor: str) -> str:
 
 
 def _expert_tensor(path: str) -> str | None:
-    """The first tensor of a LoRA folder's safetensors that lies inside fused experts (``.experts.`` in its name)."""
-    from safetensors import safe_open
-
+    """The first tensor of an adapter folder's safetensors that lies inside fused experts (``.experts.`` in its
+    name); the file's header is read again only when the file changes."""
     weights = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         return None  # vLLM's loader reports the folder's problems; the worker's check still applies
+    return _first_expert_key(weights, os.stat(weights).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_expert_key(weights: str, mtime_ns: int) -> str | None:
+    from safetensors import safe_open
+
     with safe_open(weights, framework="pt") as tensors:
         return next((key for key in tensors.keys() if ".experts." in key), None)

@@ -19,7 +19,7 @@ from s2ft_format.tensors import check_delta, check_indices, check_present, stray
 
 from .adapter import PACKED, SIDES, S2FTAdapter
 from .capacity import check_capacity, max_k_per_projection
-from .experts import EXPERT_TARGETS, adapted_experts, check_experts, has_experts
+from .experts import EXPERT_TARGETS, SERVED_MOE, adapted_experts, check_experts, has_experts
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 KEY_VALUE = ("k_proj", "v_proj")
@@ -147,15 +147,24 @@ def check_servable(adapter: S2FTAdapter, config, target_modules=None) -> dict[st
             raise ValueError(f"S2FT adapter at {adapter.path!r}, module {path!r}: the engine serves LoRA only on "
                              f"--lora-target-modules {sorted(target_modules)}.")
     if adapter.experts:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            raise ValueError(
-                f"S2FT adapter at {adapter.path!r}, module {next(iter(adapter.experts))!r}: S2FT deltas on fused MoE "
-                "experts are served on vLLM's CPU platform only (vllm_ext.moe adds them beside vLLM's CPU experts "
-                "kernel); on this platform serve the merged model (PeftModel.merge_and_unload) instead."
-            )
+        check_experts_served(f"S2FT adapter at {adapter.path!r}, module {next(iter(adapter.experts))!r}", config)
     return projections
+
+
+def check_experts_served(where: str, config) -> None:
+    """Refuse S2FT on fused experts where the engine does not serve it: off CPU, and on MoE models it was not
+    tested on."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ValueError(
+            f"{where}: S2FT deltas on fused MoE experts are served on vLLM's CPU platform only (vllm_ext.moe adds them "
+            "beside vLLM's CPU experts kernel); on this platform serve the merged model (PeftModel.merge_and_unload) "
+            "instead."
+        )
+    if text_config(config).model_type not in SERVED_MOE:
+        raise ValueError(f"{where}: S2FT deltas on fused MoE experts are served on {', '.join(SERVED_MOE)} models, "
+                         f"not {text_config(config).model_type!r}; serve the merged model instead.")
 
 
 def _packed_names(projection: str) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
-"""vLLM on CPU serving S2FT adapters on fused MoE experts (Mixtral, Qwen3-MoE) in mixed batches with dense S2FT, LoRA and
-base requests, against the HF model with each adapter merged by PEFT; LoRA on the experts refused by name."""
+"""vLLM on CPU serving S2FT adapters on fused MoE experts (Mixtral, Qwen3-MoE) in mixed batches with dense S2FT, LoRA
+and base requests, against the HF model with each adapter merged by PEFT; LoRA on the experts refused by name."""
 
 import shutil
 

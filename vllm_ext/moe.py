@@ -20,11 +20,10 @@ are queued, and by the worker's loader); LoRA on the other layers of an MoE mode
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +299,7 @@ def install() -> None:
 
         if not moe_config.is_lora_enabled:
             return original(moe_config)
-        backend, cls = original(dataclasses.replace(moe_config, is_lora_enabled=False))
+        backend, cls = original(replace(moe_config, is_lora_enabled=False))
         if cls is None or not issubclass(cls, CPUUnquantizedExperts):
             return original(moe_config)
         return backend, s2ft_experts_class(cls)

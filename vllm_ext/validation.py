@@ -139,6 +139,8 @@ def check_fits_model(adapter: S2FTAdapter, config) -> dict[str, Projection]:
 def check_servable(adapter: S2FTAdapter, config, target_modules=None) -> dict[str, Projection]:
     """Refuse an adapter the engine serving a model of ``config`` (a transformers config) with LoRA restricted to
     ``target_modules`` (``--lora-target-modules``, None: all) would refuse; return its modules' projections."""
+    if adapter.experts:
+        check_experts_served(f"S2FT adapter at {adapter.path!r}, module {next(iter(adapter.experts))!r}", config)
     projections = check_fits_model(adapter, config)
     check_capacity(adapter, max_k_per_projection())
     for path in [*projections, *adapter.experts]:
@@ -146,8 +148,6 @@ def check_servable(adapter: S2FTAdapter, config, target_modules=None) -> dict[st
         if target_modules is not None and not {projection, *_packed_names(projection)} & set(target_modules):
             raise ValueError(f"S2FT adapter at {adapter.path!r}, module {path!r}: the engine serves LoRA only on "
                              f"--lora-target-modules {sorted(target_modules)}.")
-    if adapter.experts:
-        check_experts_served(f"S2FT adapter at {adapter.path!r}, module {next(iter(adapter.experts))!r}", config)
     return projections
 
 

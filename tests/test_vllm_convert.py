@@ -1,6 +1,7 @@
 """S2FT -> LoRA conversion, folder checks, tensor-parallel index splitting and the base-token fix, without an engine."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -245,8 +246,12 @@ def test_the_k_setting_is_a_variable_vllm_knows(monkeypatch):
     from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
 
+    import vllm.envs as envs
+
     monkeypatch.setenv("VLLM_S2FT_MAX_K", "o_proj=64")
     load_general_plugins()  # what every vLLM process runs before it checks the environment
+    for name in [name for name in os.environ if name.startswith("VLLM_") and name not in envs.environment_variables]:
+        monkeypatch.delenv(name)  # vLLM's in-process engines of earlier tests leave VLLM_DIST_IDENT behind
     current_platform.validate_environ(hard_fail=True)  # vLLM's own check: raises on VLLM_* variables it does not know
     monkeypatch.setenv("VLLM_S2FT_MAX_KK", "64")
     with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_S2FT_MAX_KK"):

@@ -54,7 +54,9 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
     command = ["make", "-C", str(ROOT), "-s", "-o", ".venv/.installed", "serve", f"PY={sys.executable}",
                f"DEMO={demo}", f"PORT={port}"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # unbuffered: vLLM logs to stdout, which a file would hold back while the test reads it
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(port):

@@ -2,19 +2,20 @@
 server starts with: vLLM's OpenAI server on 127.0.0.1, started with q/k/v/gate/up S2FT adapters in --lora-modules and
 no VLLM_S2FT_MAX_K, against the HF model with each adapter merged by PEFT."""
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from vllm_support import (
     ALL,
+    KV_CACHE_BYTES,
+    MAX_LORA_RANK,
     assert_matches,
     build_checkpoints,
     complete,
-    http_request,
+    openai_server,
     prompt_ids,
     reference,
-    running_server,
+    request,
 )
 
 MAX_LORAS, MAX_CPU_LORAS = 2, 3
@@ -38,12 +39,15 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_many_adapters")
     names = [*STARTUP.values(), "inputs", "both", "down8", "attention", "lora8", *LATER]
     base_dir, adapters = build_checkpoints(root, names, s2ft_adapters=LATER)
-    env = {name: value for name, value in os.environ.items() if name != "VLLM_S2FT_MAX_K"}
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    options = ["--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS),
-               "--lora-modules", *(f"{name}={adapters[folder]}" for name, folder in STARTUP.items())]
-    with running_server(root / "server.log", base_dir, options, env) as url:
-        yield url, root, base_dir, adapters
+    arguments = ["--model", base_dir, "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8",
+                 "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+                 "--enable-lora", "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS),
+                 "--max-lora-rank", str(MAX_LORA_RANK),
+                 "--lora-modules", *(f"{name}={adapters[folder]}" for name, folder in STARTUP.items())]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("VLLM_S2FT_MAX_K", raising=False)  # the server inherits this environment
+        with openai_server(arguments, root / "server.log", dict(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")) as url:
+            yield url, root, base_dir, adapters
 
 
 def test_sizes_from_the_startup_adapters_round_up_and_keep_the_default(served):
@@ -65,8 +69,8 @@ def test_startup_adapters_on_every_output_projection_are_served_without_the_sett
 
 def test_an_adapter_over_the_sized_buffers_is_refused_naming_the_setting(served):
     url, _, base_dir, adapters = served
-    request = {"lora_name": "wide-q", "lora_path": adapters["attention"]}
-    status, body = http_request(f"{url}/v1/load_lora_adapter", request)
+    body = {"lora_name": "wide-q", "lora_path": adapters["attention"]}
+    status, body = request(f"{url}/v1/load_lora_adapter", body)
     assert status == 400, body
     message = body["error"]["message"]
     assert ("selects 128 rows but the engine's S2FT buffers hold k <= 64 for q_proj; restart it with VLLM_S2FT_MAX_K="
@@ -81,7 +85,7 @@ def test_a_stream_over_more_adapters_than_slots_and_cache_is_exact(served):
                **{name: adapters[name] for name in ["inputs", "both", "down8", *LATER]}}
     for name in STREAM_ADAPTERS[len(STARTUP):]:
         if name is not None:
-            status, body = http_request(f"{url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": folders[name]})
+            status, body = request(f"{url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": folders[name]})
             assert status == 200, body
     references = {name: reference(base_dir, folders[name] if name else None) for name in STREAM_ADAPTERS}
     # each adapter comes back after every other one: with more adapters than the CPU cache holds (and than the

@@ -2,37 +2,33 @@
 adapters are refused without taking the engine down."""
 
 import json
-import os
 import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from vllm_support import (
-    assert_matches,
-    build_checkpoints,
-    complete,
-    http_request,
-    prompt_ids,
-    reference,
-    running_server,
-)
+from vllm_support import (KV_CACHE_BYTES, MAX_LORA_RANK, assert_matches, build_checkpoints, complete, openai_server,
+                          prompt_ids, reference, request)
 
 MAX_K = 512  # VLLM_S2FT_MAX_K of the server: the "down600" adapter selects more
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_server")
     base_dir, adapters = build_checkpoints(root, ["inputs", "outputs", "both", "down600"])
+    arguments = ["--model", base_dir, "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8",
+                 "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+                 "--enable-lora", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
+                 "--lora-modules", f"math={adapters['inputs']}", f"qa={adapters['outputs']}"]
     # HOME: requests may name adapters as ~/<folder> under root
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_S2FT_MAX_K=str(MAX_K), HOME=str(root))
-    options = ["--max-loras", "2", "--lora-modules", f"math={adapters['inputs']}", f"qa={adapters['outputs']}"]
-    with running_server(root / "server.log", base_dir, options, env) as url:
+    env = dict(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_S2FT_MAX_K=str(MAX_K), HOME=str(root))
+    with openai_server(arguments, root / "server.log", env) as url:
         yield url, root, base_dir, adapters
 
 
 def test_lists_and_serves_adapters_by_model_name(server):
     url, root, base_dir, adapters = server
-    status, models = http_request(f"{url}/v1/models")
+    status, models = request(f"{url}/v1/models")
     assert status == 200
     assert {"math", "qa", base_dir} <= {model["id"] for model in models["data"]}
     assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))
@@ -46,10 +42,10 @@ def test_runtime_load_refuses_a_malformed_folder_and_keeps_serving(server):
     bad = root / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "S2FT"}))
-    status, body = http_request(f"{url}/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
+    status, body = request(f"{url}/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
     assert status == 400 and "adapter_model.safetensors is missing" in body["error"]["message"], (status, body)
 
-    status, body = http_request(f"{url}/v1/load_lora_adapter", {"lora_name": "both", "lora_path": adapters["both"]})
+    status, body = request(f"{url}/v1/load_lora_adapter", {"lora_name": "both", "lora_path": adapters["both"]})
     assert status == 200, body
     assert_matches(complete(url, "both"), reference(base_dir, adapters["both"]))
     assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))
@@ -81,15 +77,14 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(server):
     # an adapter named ~/swap loads, then leaves the worker's cache (2 slots) while its folder goes bad: the request
     # is refused before it is queued, not by a worker in the middle of a batch
     _replace_folder(root / "swap", adapters["both"])
-    status, body = http_request(f"{url}/v1/load_lora_adapter", {"lora_name": "home", "lora_path": "~/swap"})
+    status, body = request(f"{url}/v1/load_lora_adapter", {"lora_name": "home", "lora_path": "~/swap"})
     assert status == 200, body
     assert_matches(complete(url, "home"), want["both"])
     for edit, message in ((_deeper_model, "is incomplete"), (_nan_delta, "NaN")):
         assert_matches(complete(url, "math"), want["inputs"])
         assert_matches(complete(url, "qa"), want["outputs"])
         _replace_folder(root / "swap", adapters["both"], edit)
-        status, body = http_request(f"{url}/v1/completions",
-                                    {"model": "home", "prompt": prompt_ids()[0], "max_tokens": 2})
+        status, body = request(f"{url}/v1/completions", {"model": "home", "prompt": prompt_ids()[0], "max_tokens": 2})
         assert 400 <= status < 500 and message in json.dumps(body), (status, body)
         assert_matches(complete(url, "math"), want["inputs"])
         assert_matches(complete(url, base_dir), reference(base_dir))
@@ -128,9 +123,9 @@ def unfit(server):
 def test_runtime_load_of_an_unfit_s2ft_adapter_is_a_client_error(server, unfit, case):
     url, root, base_dir, adapters = server
     path, message = unfit[case]
-    status, body = http_request(f"{url}/v1/load_lora_adapter", {"lora_name": case, "lora_path": path})
+    status, body = request(f"{url}/v1/load_lora_adapter", {"lora_name": case, "lora_path": path})
     assert status == 400 and body["error"]["type"] == "BadRequestError", (status, body)
     assert message in body["error"]["message"], body
     assert "add_lora method failed" not in (root / "server.log").read_text()  # refused before any worker saw it
-    assert case not in {model["id"] for model in http_request(f"{url}/v1/models")[1]["data"]}
+    assert case not in {model["id"] for model in request(f"{url}/v1/models")[1]["data"]}
     assert_matches(complete(url, "math"), reference(base_dir, adapters["inputs"]))

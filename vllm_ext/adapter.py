@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from s2ft_format.config import check_config_values, with_defaults
+
+from .experts import EXPERT_DELTAS, S2FTExperts
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,8 +36,6 @@ SIDES = {
 }
 # vLLM's packed modules -> the projections in their slices, in slice order
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# tensors of S2FT on fused MoE experts (s2ft_plugin.moe.DELTAS)
-EXPERT_DELTAS = ("s2ft_down_delta", "s2ft_gate_delta", "s2ft_up_delta")
 
 
 class MalformedS2FTAdapter(ValueError):
@@ -60,10 +60,11 @@ class S2FTAdapter:
     path: str
     config: dict  # adapter_config.json (its S2FT values checked)
     modules: dict  # module path inside the base model (e.g. "model.layers.0.mlp.down_proj") -> S2FTModule
+    experts: dict = field(default_factory=dict)  # path of fused MoE experts -> vllm_ext.experts.S2FTExperts
 
     @property
     def max_k(self) -> int:
-        return max(module.k for module in self.modules.values())
+        return max(module.k for module in [*self.modules.values(), *self.experts.values()])
 
 
 def is_s2ft_folder(path: str) -> bool:
@@ -107,21 +108,19 @@ def read_s2ft_adapter(path: str, config: dict | None = None) -> S2FTAdapter:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, kind = key.removeprefix(PREFIX).rpartition(".")
-        if kind in EXPERT_DELTAS:
-            raise MalformedS2FTAdapter(
-                f"{where}: {key!r} is an MoE expert delta; vLLM's LoRA layers do not serve S2FT on fused experts. "
-                "Serve the merged model (PeftModel.merge_and_unload) instead."
-            )
-        if kind not in ("s2ft_indices", "s2ft_delta"):
+        if kind not in ("s2ft_indices", "s2ft_delta", *EXPERT_DELTAS.values()):
             raise MalformedS2FTAdapter(
                 f"{where}: unexpected tensor {key!r}; an S2FT adapter holds only <module>.s2ft_indices and "
-                "<module>.s2ft_delta (modules_to_save cannot be served through vLLM's LoRA API)."
+                "<module>.s2ft_delta, or on fused MoE experts their deltas (modules_to_save cannot be served through "
+                "vLLM's LoRA API)."
             )
         grouped.setdefault(module, {})[kind] = tensor
     if not grouped:
         raise MalformedS2FTAdapter(f"{where}: {WEIGHTS_NAME} holds no tensors.")
-    modules = {name: S2FTModule(parts.get("s2ft_indices"), parts.get("s2ft_delta")) for name, parts in grouped.items()}
-    return S2FTAdapter(path=path, config=config, modules=modules)
+    experts = {name: S2FTExperts(parts) for name, parts in grouped.items() if set(parts) & set(EXPERT_DELTAS.values())}
+    modules = {name: S2FTModule(parts.get("s2ft_indices"), parts.get("s2ft_delta")) for name, parts in grouped.items()
+               if name not in experts}
+    return S2FTAdapter(path=path, config=config, modules=modules, experts=experts)
 
 
 def _read_config(path: str, where: str) -> dict:

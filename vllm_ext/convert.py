@@ -24,7 +24,7 @@ import uuid
 import torch
 from safetensors.torch import save_file
 
-from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, S2FTModule, read_s2ft_adapter
+from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, MalformedS2FTAdapter, S2FTModule, read_s2ft_adapter
 from .validation import Projection, check_fits_model
 
 # the values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
@@ -72,6 +72,12 @@ def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> s
 
     _check_output(src, dst)
     adapter = read_s2ft_adapter(src)
+    if adapter.experts:
+        raise MalformedS2FTAdapter(
+            f"S2FT adapter at {src!r}, module {next(iter(adapter.experts))!r}: the converter exports dense "
+            "projections only, not deltas on fused MoE experts; serve the S2FT folder (vLLM on CPU, vllm_ext.moe) or "
+            "the merged model instead."
+        )
     base_model = base_model or adapter.config.get("base_model_name_or_path")
     if not base_model:
         raise ValueError(f"{src!r} names no base model; pass base_model (--base-model) to size the one-hot factors.")

@@ -28,6 +28,7 @@ from vllm.lora.utils import parse_fine_tuned_lora_name
 from .adapter import PREFIX, S2FTAdapter, folder_state, read_s2ft_adapter
 from .capacity import SETTING, engine_setting
 from .layers import S2FTLayerMixin
+from .moe import experts_lora_weights
 from .validation import check_servable
 
 
@@ -62,6 +63,9 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
         indices, delta = placement.layer.s2ft_module(placement.slice_index, module.indices, module.delta)
         lora_a, lora_b = (indices, delta) if placement.side == "input" else (delta, indices)
         loras[placement.name] = LoRALayerWeights(placement.name, module.k, module.k, lora_a, lora_b, scaling=1.0)
+    for module_path, module in adapter.experts.items():
+        name, weights = experts_lora_weights(worker_manager._adapter_manager, path, module_path, module)
+        loras[name] = weights
     return LoRAModel(lora_id, adapter.max_k, loras)
 
 

@@ -21,7 +21,8 @@ may run them more than once per process, so :func:`register` is idempotent. It c
 - vLLM's row-parallel, merged-column and merged-qkv LoRA layers (plain and fully sharded) are replaced by subclasses
   whose slots can also hold S²FT adapters (``vllm_ext.layers``), on every platform.
 - On CPU, the punica wrapper gives base-model tokens in a LoRA batch no adapter and groups each batch's tokens by
-  slot for the S²FT layers (``vllm_ext.punica``).
+  slot for the S²FT layers (``vllm_ext.punica``); MoE models keep vLLM's CPU experts kernel with LoRA enabled, with
+  S²FT expert adapters added beside it and LoRA adapters on the experts refused (``vllm_ext.moe``).
 - ``LoRAConfig.verify_with_model_config`` refuses, where vLLM's Triton LoRA kernels run, dtypes they cannot run
   (``vllm_ext.dtypes``): a float32 model fails when the engine's config is built, naming ``--dtype``.
 """
@@ -49,6 +50,9 @@ def register() -> None:
 
     if current_platform.is_cpu():
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: "vllm_ext.punica.S2FTPunicaWrapperCPU")
+        from .moe import install
+
+        install()  # S2FT (and no LoRA) on fused MoE experts
 
 
 def _register_setting() -> None:
@@ -144,11 +148,15 @@ def _refusal(input_processor, lora_path: str, remember: bool) -> str | None:
 
     from .adapter import folder_state, is_s2ft_folder, read_s2ft_adapter
     from .capacity import SIZED, engine_setting
+    from .moe import experts_refusal
     from .validation import check_servable
 
     path = get_adapter_absolute_path(lora_path)  # as the worker resolves it (~, relative paths, hub ids)
-    if input_processor.lora_config is None or not is_s2ft_folder(path):  # LoRA off: vLLM says so itself
+    if input_processor.lora_config is None:  # LoRA off: vLLM says so itself
         return None
+    refusal = experts_refusal(input_processor, path)  # LoRA on fused MoE experts, which no CPU kernel applies
+    if refusal is not None or not is_s2ft_folder(path):
+        return refusal
     additional = input_processor.vllm_config.additional_config
     setting = engine_setting(additional.get(SIZED) if isinstance(additional, dict) else None)
     key = (path, setting, folder_state(path))

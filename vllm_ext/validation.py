@@ -3,9 +3,10 @@
 PEFT loads an adapter into the modules its config adapts on the base model and checks every module's tensors
 (``s2ft_format.tensors``). Here the same modules come from the model's config instead of a built model: the config's
 targets (PEFT's matching rules, ``s2ft_format.config``) over the Llama-style projections ``model.layers.<i>.
-self_attn.<q/k/v/o>_proj`` and ``model.layers.<i>.mlp.<gate/up/down>_proj``, and the count of rows/columns each one
-selects. So vLLM's front end and workers and the converter refuse exactly the adapters PEFT refuses (a deeper model's,
-an incomplete one, a config PEFT cannot apply), with PEFT's messages; the front end checks a request's folder before it
+self_attn.<q/k/v/o>_proj`` and ``model.layers.<i>.mlp.<gate/up/down>_proj`` (on MoE models the fused experts
+``model.layers.<i>.mlp.experts`` instead, ``vllm_ext.experts``), and the count of rows/columns each one selects. So
+vLLM's front end and workers and the converter refuse exactly the adapters PEFT refuses (a deeper model's, an
+incomplete one, a config PEFT cannot apply), with PEFT's messages; the front end checks a request's folder before it
 is queued, because a worker that fails to load an adapter in the middle of a batch takes the engine down with it.
 """
 
@@ -18,6 +19,7 @@ from s2ft_format.tensors import check_delta, check_indices, check_present, stray
 
 from .adapter import PACKED, SIDES, S2FTAdapter
 from .capacity import check_capacity, engine_setting
+from .experts import EXPERT_TARGETS, SERVED_MOE, adapted_experts, check_experts, has_experts
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 KEY_VALUE = ("k_proj", "v_proj")
@@ -53,9 +55,7 @@ def adapted_projections(adapter_config: dict, config) -> dict[str, Projection]:
     """Module path -> projection, for every module an S²FT ``adapter_config`` (an ``adapter_config.json``'s contents)
     adapts on a model of ``config`` (a transformers config), in the model's order; raises what PEFT raises when the
     config cannot be applied to the model."""
-    values = with_defaults(adapter_config)
-    if values["target_modules"] is None:
-        values["target_modules"] = DEFAULT_TARGETS
+    values = resolved_values(adapter_config)
     config = text_config(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -65,7 +65,8 @@ def adapted_projections(adapter_config: dict, config) -> dict[str, Projection]:
             "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
             "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     keys = [f"model.layers.{i}.{'self_attn' if name in ATTENTION else 'mlp'}.{name}"
-            for i in range(config.num_hidden_layers) for name in dims]
+            for i in range(config.num_hidden_layers) for name in dims
+            if name in ATTENTION or not has_experts(config, i)]  # a layer with routed experts has no dense FFN
     projections = {}
     for key in filter(lambda key: targets(values, key), keys):
         name = key.rpartition(".")[2]
@@ -84,8 +85,17 @@ def adapted_projections(adapter_config: dict, config) -> dict[str, Projection]:
                 raise ValueError(f"S2FTConfig.unit_pattern gives '{key}' {units} units but it has only {inter}.")
             count, unit_size = unit_count(values, "channels", inter) if units is None else units, 1
         projections[key] = Projection(SIDES[name], *dims[name], unit_size, count)
-    _check_layers_exist(values, keys)
+    _check_layers_exist(values, keys + [f"model.layers.{i}.mlp.experts.{name}" for i in range(config.num_hidden_layers)
+                                        if has_experts(config, i) for name in EXPERT_TARGETS])
     return projections
+
+
+def resolved_values(adapter_config: dict) -> dict:
+    """S2FT's fields of an ``adapter_config``, with the default targets when it names none."""
+    values = with_defaults(adapter_config)
+    if values["target_modules"] is None:
+        values["target_modules"] = DEFAULT_TARGETS
+    return values
 
 
 def _check_layers_exist(values: dict, keys: list[str]) -> None:
@@ -106,6 +116,7 @@ def check_fits_model(adapter: S2FTAdapter, config) -> dict[str, Projection]:
     """Refuse an adapter PEFT's loader would refuse on a model of ``config``; return its modules' projections."""
     try:
         projections = adapted_projections(adapter.config, config)
+        experts = adapted_experts(resolved_values(adapter.config), text_config(config))
     except ValueError as error:
         raise ValueError(f"S2FT adapter at {adapter.path!r}: {error}") from None
     for path, projection in projections.items():
@@ -121,6 +132,7 @@ def check_fits_model(adapter: S2FTAdapter, config) -> dict[str, Projection]:
         if path not in projections:
             kind = "s2ft_indices" if module.indices is not None else "s2ft_delta"
             raise stray_error(f"S2FT adapter at {adapter.path!r}", f"{path}.{kind}")
+    check_experts(adapter, experts)
     return projections
 
 
@@ -130,14 +142,32 @@ def check_servable(adapter: S2FTAdapter, config, target_modules=None, setting: s
     ``target_modules`` (``--lora-target-modules``, None: all) and S2FT buffers sized by ``setting`` (a
     ``VLLM_S2FT_MAX_K`` value; None: ``vllm_ext.capacity.engine_setting()``) would refuse; return its modules'
     projections."""
+    if adapter.experts:
+        check_experts_served(f"S2FT adapter at {adapter.path!r}, module {next(iter(adapter.experts))!r}", config)
     projections = check_fits_model(adapter, config)
     check_capacity(adapter, engine_setting() if setting is None else setting)
-    for path in projections:
+    for path in [*projections, *adapter.experts]:
         projection = path.rpartition(".")[2]
         if target_modules is not None and not {projection, *_packed_names(projection)} & set(target_modules):
             raise ValueError(f"S2FT adapter at {adapter.path!r}, module {path!r}: the engine serves LoRA only on "
                              f"--lora-target-modules {sorted(target_modules)}.")
     return projections
+
+
+def check_experts_served(where: str, config) -> None:
+    """Refuse S2FT on fused experts where the engine does not serve it: off CPU, and on MoE models it was not
+    tested on."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ValueError(
+            f"{where}: S2FT deltas on fused MoE experts are served on vLLM's CPU platform only (vllm_ext.moe adds them "
+            "beside vLLM's CPU experts kernel); on this platform serve the merged model (PeftModel.merge_and_unload) "
+            "instead."
+        )
+    if text_config(config).model_type not in SERVED_MOE:
+        raise ValueError(f"{where}: S2FT deltas on fused MoE experts are served on {', '.join(SERVED_MOE)} models, "
+                         f"not {text_config(config).model_type!r}; serve the merged model instead.")
 
 
 def _packed_names(projection: str) -> tuple[str, ...]:

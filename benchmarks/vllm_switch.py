@@ -8,10 +8,12 @@ buffers. What is timed is the call vLLM makes when a request
 names an adapter that is not in a slot, ``WorkerLoRAManager.add_adapter`` (also behind ``LLM.llm_engine.add_lora``),
 run inside the worker through ``collective_rpc`` with the device synchronised before the clock stops:
 
-- from disk: the adapter is not cached (``remove_lora`` first), so the call reads and checks the folder, builds vLLM's
-  ``LoRAModel``, caches it and copies it into the slot, evicting the adapter there. "cold": the files' pages were
-  dropped from the OS page cache first (fsync, then ``posix_fadvise(DONTNEED)``, which the kernel may ignore);
-  "warm": they were just read.
+- from disk: the adapter is not cached (``remove_lora`` first), so the call reads the folder, builds vLLM's
+  ``LoRAModel``, caches it and copies it into the slot, evicting the adapter there. "first load": the adapter's
+  first, which is the only one where S2FT checks the folder (a worker remembers a folder that passed, by its files);
+  "cold": the files' pages were dropped from the OS page cache first (fsync, then ``posix_fadvise(DONTNEED)``, which
+  the kernel may ignore), as for the first load; "warm": they were just read. S2FT reads the weights into memory,
+  vLLM maps LoRA files (their bytes are read when the copy into the slot touches them).
 - from the CPU cache: the adapter is cached and another one holds the slot: the call copies it into the slot.
 
 Medians over ``--adapters`` adapters x ``--repeats`` rounds. Bytes: the adapter's folder; the tensors of its cached

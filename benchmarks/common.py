@@ -10,13 +10,37 @@ from dataclasses import replace
 
 import torch
 from peft import LoraConfig, ShiraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from s2ft_plugin import initialize_s2ft_selection
+from s2ft_plugin.tiny import build_model
 
 LORA_TARGETS = {
     "lora": ["o_proj", "down_proj"],
     "lora_all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+
+
+def add_model_arguments(parser) -> None:
+    """``--model`` (a transformers folder: real shapes) or the sizes of a synthetic Llama."""
+    parser.add_argument("--model", help="a transformers folder for real shapes, e.g. models/SmolLM2-135M-Instruct "
+                                        "(make real-model); default: a synthetic Llama of the sizes below")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+
+
+def benchmark_model(args, max_positions: int, dtype: torch.dtype = torch.float32):
+    """The model ``add_model_arguments`` describes, on CPU in ``dtype``."""
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    return build_model(
+        "llama", hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+        max_position_embeddings=max_positions,
+    ).to(dtype)
 
 
 def s2ft_trainable(model, config) -> int:

@@ -43,8 +43,9 @@ def environment() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit(f"gpu_check needs a CUDA GPU, and torch {torch.__version__} in {sys.prefix} sees none "
-                         "(a CPU build of torch, or no driver). On CPU machines run `make test` and the benchmarks.")
+        raise SystemExit(f"gpu_check needs a CUDA GPU, and torch {torch.__version__} (CUDA {torch.version.cuda}) in "
+                         f"{sys.prefix} sees none (a CPU build of torch, no driver, or a driver older than that CUDA "
+                         "needs). On CPU machines run `make test` and the benchmarks.")
     versions = [f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
     for package in ("vllm", "transformers", "peft", "trl", "deepspeed", "bitsandbytes"):
         try:

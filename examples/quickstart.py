@@ -6,20 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
-# peft imports bitsandbytes, which warns that an optional CPU kernel package is missing; this demo uses no 4-bit layer
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-from peft import PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-import s2ft_plugin  # noqa: F401,E402  registers the PEFT type "S2FT"
-from s2ft_plugin import S2FTConfig  # noqa: E402
-from s2ft_plugin.tiny import CORPUS, build_model, save_checkpoint  # noqa: E402
+import s2ft_plugin  # noqa: F401  registers the PEFT type "S2FT"
+from s2ft_plugin import S2FTConfig
+from s2ft_plugin.tiny import CORPUS, build_model, save_checkpoint
 
 
 def main():

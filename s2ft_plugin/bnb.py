@@ -10,6 +10,8 @@ Importing this module does not import bitsandbytes; dispatch only looks for bits
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import sys
 import warnings
 from typing import Optional
@@ -51,9 +53,10 @@ class _QuantizedLinear(Linear):
             self._add_delta(merged, name, sign)
         merged = merged.to(dtype)
         if safe and not torch.isfinite(merged).all():
+            broken = names[0] if len(names) == 1 else names
             raise ValueError(
-                f"NaNs detected in the merged weights. The adapter(s) {names} seem to be broken; the base layer was "
-                "left unchanged."
+                f"NaNs detected in the merged weights. The adapter {broken} seems to be broken (the base layer was "
+                "left unchanged)."
             )
         self._set_weight(merged)
 
@@ -114,6 +117,27 @@ class Linear4bit(_QuantizedLinear):
             quant_storage=old.quant_storage,
             module=base,
         ).to(old.device)  # quantizes
+
+
+@contextlib.contextmanager
+def standard_4bit_layouts(model: nn.Module):
+    """While a state dict of ``model`` is taken: its 4-bit layers that bitsandbytes repacked for its CPU inference
+    kernel hold the standard layout (the state dict's format), and afterwards their repacked form again, so they
+    compute exactly as before. bitsandbytes 0.50's own ``_save_to_state_dict`` restores the standard layout with a
+    faulty inverse instead (absmax left transposed) and keeps it: the layers then compute ~0.3 logits off."""
+    bnb = sys.modules.get("bitsandbytes")
+    repacked = []
+    if bnb is not None:
+        for module in model.modules():
+            weight = getattr(module, "weight", None) if isinstance(module, bnb.nn.Linear4bit) else None
+            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+                repacked.append((weight, weight.data, copy.copy(weight.quant_state)))
+                _restore_standard_4bit_layout(weight)
+    try:
+        yield
+    finally:
+        for weight, data, quant_state in repacked:
+            weight.data, weight.quant_state = data, quant_state
 
 
 def _restore_standard_4bit_layout(weight) -> None:

@@ -2,8 +2,9 @@
 shards permuted whole, and the adapter's entries found in a sharded model's state dict.
 
 FSDP shards only when ``accelerator.prepare`` runs, after ``get_peft_model`` has co-permuted the full weights on every
-rank, so co-permutation needs nothing there. DeepSpeed ZeRO-3 partitions the weights while the model loads; co-permuting
-them and scoring them by magnitude need the whole weights, which :func:`whole_weights` gathers for the duration.
+rank, so co-permutation needs nothing there. DeepSpeed ZeRO-3 partitions the weights while the model loads: scoring
+them by magnitude needs the whole weights, which :func:`whole_weights` gathers for the duration, and co-permutation
+is not done there (a partitioned model cannot run the probe that verifies it, ``verification.py``).
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ def is_partitioned(tensor: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def whole_weights(tensors: Iterable[torch.Tensor], modify: bool = False):
-    """Gather ZeRO-3 partitioned ``tensors`` for the duration; with ``modify``, rank 0's in-place changes are
-    partitioned back to every rank on exit (every rank must make the same change, as co-permutation does)."""
+def whole_weights(tensors: Iterable[torch.Tensor]):
+    """Gather ZeRO-3 partitioned ``tensors`` for the duration (read only)."""
     partitioned = [tensor for tensor in tensors if is_partitioned(tensor)]
     if not partitioned:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
 
 

@@ -46,6 +46,25 @@ def _base_input_grad(ctx, grad2d, weight) -> Optional[torch.Tensor]:
     return grad2d @ weight.to(grad2d.dtype) if ctx.fused else None
 
 
+def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
+    """``base(x) + x[..., S] @ D.T`` without autograd (inference): the base output computed here is updated in
+    place; nothing is saved."""
+    if base_out is None:
+        out = F.linear(x, weight, bias)
+        return _rows(out).addmm_(_gather(x.reshape(-1, x.shape[-1]), positions, start).to(out.dtype),
+                                 delta.to(out.dtype).t()).view(out.shape)
+    selected = _gather(x.reshape(-1, x.shape[-1]), positions, start).to(base_out.dtype)
+    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t()).view(
+        base_out.shape)
+
+
+def output_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
+    """``base(x)`` plus ``x @ D.T`` on the output rows ``S``, without autograd (inference)."""
+    out = F.linear(x, weight, bias) if base_out is None else base_out.clone(memory_format=torch.contiguous_format)
+    _scatter(_rows(out), positions, start, x.reshape(-1, x.shape[-1]).to(out.dtype) @ delta.to(out.dtype).t())
+    return out
+
+
 class InputSideDelta(torch.autograd.Function):
     """``base(x) + x[..., S] @ D.T`` for a delta ``D`` of shape (out, k) over the input columns ``S``.
 

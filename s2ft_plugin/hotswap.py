@@ -14,6 +14,8 @@ from peft.config import PeftConfig
 from peft.utils.save_and_load import load_peft_weights, set_peft_model_state_dict
 
 from .config import S2FTConfig
+from .layer import S2FTLayer
+from .transactions import adapter_load, weights_named
 
 
 def hotswap_adapter(
@@ -36,7 +38,9 @@ def hotswap_adapter(
         raise ValueError(
             f"No S2FT adapter '{adapter_name}' to hotswap; loaded adapters: {sorted(tuner.peft_config)}."
         )
-    if any(adapter_name in layer.merged_adapters for _, _, layer in tuner.s2ft_layers()):
+    layers = [layer for layer in tuner.model.modules()  # MoE experts too
+              if isinstance(layer, S2FTLayer) and adapter_name in layer.s2ft_indices]
+    if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(
             f"Cannot hotswap adapter '{adapter_name}' while it is merged into the base weights; call "
             "`unmerge_adapter()` first."
@@ -52,11 +56,12 @@ def hotswap_adapter(
                 f"Cannot hotswap S2FT adapters with `{field}`: only S2FT deltas and indices are swapped in place."
             )
     if torch_device is None:  # where the adapter's tensors are
-        torch_device = next(str(layer.s2ft_delta[adapter_name].device) for _, _, layer in tuner.s2ft_layers()
-                            if adapter_name in layer.s2ft_delta)
-    state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
+        torch_device = str(layers[0].s2ft_indices[adapter_name].device)
+    with weights_named(model_name_or_path, kwargs):
+        state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
     # the load checks every tensor against the loaded adapter's modules before copying anything in place
-    set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
+    with adapter_load():  # a load: ``permute`` is a preference
+        set_peft_model_state_dict(peft_model, state_dict, adapter_name=adapter_name)
     for field, value in vars(config).items():  # in place: compiled code may hold the config object
         if field != "inference_mode":
             setattr(current, field, value)

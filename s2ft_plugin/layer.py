@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextvars import ContextVar
 from functools import partial
 from typing import Optional
 
@@ -11,10 +12,14 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from s2ft_format.tensors import check_indices
+
 from .architectures import linear_shape, linear_weight
-from .functional import InputSideDelta, OutputSideDelta
+from .functional import InputSideDelta, OutputSideDelta, input_side, output_side
 
 _SYNC_HOOK = "_s2ft_compiled_sync_hook"
+# True while a mixed-adapter batch (``adapter_names``) runs, which compiled code cannot honour (see _sync_layers)
+MIXED_BATCH: ContextVar[bool] = ContextVar("s2ft_mixed_batch", default=False)
 
 
 class S2FTLayer(BaseTunerLayer):
@@ -67,30 +72,7 @@ class S2FTLayer(BaseTunerLayer):
         where = (
             f"S2FT adapter '{adapter_name}' ({self.side}-side indices of a {self.out_features}x{self.in_features} layer)"
         )
-        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(
-                f"{where}: indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}."
-            )
-        if expected_count is not None and indices.numel() != expected_count:
-            raise ValueError(
-                f"{where}: {indices.numel()} indices but the config gives this layer {expected_count}; the adapter was "
-                "trained with another head/channel count or on another model."
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.axis_size):
-            raise ValueError(
-                f"{where}: indices must lie in [0, {self.axis_size}), got [{int(indices.min())}, {int(indices.max())}]."
-            )
-        if torch.unique(indices).numel() != indices.numel():
-            raise ValueError(f"{where}: indices contain duplicates.")
-        if self.unit_size > 1:
-            units = indices.view(-1, self.unit_size) if indices.numel() % self.unit_size == 0 else None
-            offsets = torch.arange(self.unit_size, device=indices.device)
-            if (
-                units is None
-                or bool((units[:, 0] % self.unit_size).any())
-                or not torch.equal(units - units[:, :1], offsets.expand_as(units))
-            ):
-                raise ValueError(f"{where}: indices must cover whole heads of {self.unit_size} rows/columns.")
+        check_indices(where, indices, self.axis_size, self.unit_size, expected_count)
 
     def set_positions(self, adapter_name: str, positions: torch.Tensor) -> None:
         """Where the adapter's rows/columns sit in the base weight now (after co-permutation)."""
@@ -151,6 +133,12 @@ def _sync_when_compiled(_model: nn.Module, _args, layers: tuple) -> None:
 
 @torch.compiler.disable
 def _sync_layers(layers: tuple) -> None:
+    if MIXED_BATCH.get():
+        raise ValueError(
+            "A torch.compile'd S2FT model cannot honour `adapter_names`: the compiled code does not see which adapter "
+            "each row names (forward hooks added after compilation are not guarded), so every row would get the "
+            "active adapter. Run mixed-adapter batches on the uncompiled model (`compiled._orig_mod`)."
+        )
     for layer in layers:
         layer.sync_positions()
 
@@ -229,10 +217,15 @@ class Linear(nn.Module, S2FTLayer):
         return result
 
     def _apply_delta(self, name: str, x: torch.Tensor, result, weight=None, bias=None) -> torch.Tensor:
-        apply = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        delta = self.s2ft_delta[name]
+        if torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad or (
+                result is not None and result.requires_grad)):
+            apply = OutputSideDelta.apply if self.side == "output" else InputSideDelta.apply
+        else:  # inference: no autograd node, no saved tensors
+            apply = output_side if self.side == "output" else input_side
         # compiled code reads positions only, so that a hotswap (same k, new rows) never recompiles
         start = None if torch.compiler.is_compiling() else self.s2ft_start[name]
-        return apply(x, self.s2ft_delta[name], self.s2ft_positions[name], start, weight, bias, result)
+        return apply(x, delta, self.s2ft_positions[name], start, weight, bias, result)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args, **kwargs) -> torch.Tensor:
         """Row ``i`` gets adapter ``adapter_names[i]`` (``"__base__"``: none), PEFT's mixed-adapter batches."""

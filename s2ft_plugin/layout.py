@@ -2,7 +2,8 @@
 
 A block's layout is a permutation of its units applied in place to every tensor that indexes them: q/k/v rows and
 biases, o_proj columns, gate/up rows, down_proj columns, and per-head state beside them (``Block.coupled``). The model
-computes the same function in any layout, and the layout never leaves the tuner:
+computes the same function in any layout (every move to a new layout is verified, ``verification.py``), and the
+layout never leaves the tuner:
 
 - a state dict taken from the base model (``get_base_model().state_dict()``, ``peft.get_base_model_state_dict``,
   ``save_pretrained`` of the base) holds the original order, and one loaded into it is taken in the original order;
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 from .architectures import base_layer, weight_dim
-from .distributed import index_select, whole_weights
+from .distributed import index_select
 from .structure import Block
+from .verification import BlockProbe, tolerance
 
 LAYOUT_KEY = "_extra_state"  # torch.nn.Module's key for get_extra_state()
 # set while a state dict is taken through the tuner: the base weights then stay in the current layout
@@ -66,6 +68,7 @@ class Layout:
     def __init__(self) -> None:
         self.orders: dict[str, torch.Tensor] = {}
         self.blocks: dict[str, Block] = {}
+        self.refused: dict[str, str] = {}  # block key -> why a move of it failed verification; it stays in place
 
     def order(self, block: Block) -> torch.Tensor:
         return self.orders.get(block.key, torch.arange(block.num_units))
@@ -81,16 +84,43 @@ class Layout:
         relative = torch.argsort(current)[target]
         permuted = not torch.equal(target, identity)
         moved = list(_moved_tensors(model, block))
-        with whole_weights([getattr(module, attr) for module, attr, *_ in moved], modify=True):  # ZeRO-3
-            for module, attr, dim, permutation in moved:
-                tensor = getattr(module, attr)
-                tensor.data.copy_(index_select(tensor.data, dim, permutation(relative).to(tensor.device)))
-                _track(module, attr, (self, block, dim, permutation) if permuted else None)
+        for module, attr, dim, permutation in moved:
+            tensor = getattr(module, attr)
+            tensor.data.copy_(index_select(tensor.data, dim, permutation(relative).to(tensor.device)))
+            _track(module, attr, (self, block, dim, permutation) if permuted else None)
         if permuted:
             self.orders[block.key], self.blocks[block.key] = target, block
         else:
             self.orders.pop(block.key, None)
             self.blocks.pop(block.key, None)
+
+    def move_verified(self, model: nn.Module, moves: list[tuple[Block, torch.Tensor]]) -> dict[str, str]:
+        """Move each block to its target order and keep only the moves that preserve what the block computes
+        (``verification.py``); a block that fails is moved back and refused from then on. Returns block key -> why,
+        for the blocks refused by this call."""
+        moves = [(block, target) for block, target in moves
+                 if block.key not in self.refused and not torch.equal(self.order(block), target)]
+        if not moves:
+            return {}
+        probe = BlockProbe(model, [block.name for block, _ in moves])
+        refused = {}
+        for block, target in moves:
+            if probe.error is not None:
+                refused[block.key] = f"S2FT cannot verify that co-permuting it keeps its function: {probe.error}"
+                continue
+            previous = self.order(block)
+            self.move(model, block, target)
+            change = probe.change(block.name)
+            limit = tolerance(base_layer(model.get_submodule(next(iter(block.projections.values())))).weight.dtype)
+            if not change <= limit:
+                self.move(model, block, previous)
+                refused[block.key] = (
+                    f"co-permuting its {'heads' if block.kind == 'heads' else 'channels'} changed its output by "
+                    f"{change:.1e} (relative; reordering float sums stays below {limit:.0e}), so it couples them in a "
+                    "way S2FT does not see"
+                )
+        self.refused.update(refused)
+        return refused
 
     def positions(self, block: Block, role: str, indices: torch.Tensor) -> torch.Tensor:
         """Where the original rows/columns ``indices`` of ``role``'s projection sit in the current layout."""

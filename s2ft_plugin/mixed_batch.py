@@ -21,7 +21,8 @@ import torch
 
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-from .layer import S2FTLayer
+from .layer import MIXED_BATCH, S2FTLayer
+from .moe import Experts
 
 # PeftModel's special forward arguments that S2FT has no use for: passing one raises instead of being dropped
 UNSUPPORTED_FORWARD_ARGS = {"alora_offsets": "aLoRA offsets apply to activated LoRA adapters only"}
@@ -64,10 +65,12 @@ def mixed_batch(tuner, kwargs: dict):
         for module in tuner.model.modules()
         if isinstance(module, (S2FTLayer, AuxiliaryTrainingWrapper))
     ]
+    token = MIXED_BATCH.set(True)
     try:
         with _names_follow_generation_expansion(tuner.model, rows):
             yield
     finally:
+        MIXED_BATCH.reset(token)
         for handle in handles:
             handle.remove()
 
@@ -77,10 +80,19 @@ def _check_adapter_names(tuner, adapter_names) -> None:
         raise TypeError(f"`adapter_names` must be a list with one adapter name per row, got {adapter_names!r}.")
     if tuner.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-    known = {name for module in tuner.model.modules() if isinstance(module, S2FTLayer) for name in module.s2ft_delta}
+    layers = [module for module in tuner.model.modules() if isinstance(module, S2FTLayer)]
+    known = {name for layer in layers for name in layer.s2ft_indices}
     unknown = sorted(set(adapter_names) - known - {"__base__"})
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    on_experts = sorted({name for layer in layers if isinstance(layer, Experts) for name in layer.s2ft_indices}
+                        & set(adapter_names))
+    if on_experts:
+        raise ValueError(
+            f"S2FT adapter(s) {on_experts} adapt MoE experts, which do not serve mixed-adapter batches "
+            "(`adapter_names`): run their rows in batches of their own with the adapter set active, or merge it. Rows "
+            "of adapters that leave the experts alone can be mixed."
+        )
 
 
 def _note_tokens(_model, args, kwargs, rows: _RowAdapters) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import replace
 from typing import Optional
 
@@ -9,7 +10,9 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 
-from .bnb import bnb_layer_class
+from s2ft_format.tensors import check_delta, check_present, stray_error
+
+from .bnb import bnb_layer_class, standard_4bit_layouts
 from .combine import add_weighted_adapter
 from .config import S2FTConfig
 from .architectures import base_layer, default_target_modules, is_conv1d
@@ -65,7 +68,11 @@ class S2FTModel(BaseTuner):
             self.s2ft_uncalibrated.add(adapter_name)
         if owns_layout:
             self.s2ft_layout_owner = adapter_name
-        self.arrange()
+        try:
+            self.arrange()
+        except LayoutRefused:  # permute=True on a block that fails verification: the caller's model as it was
+            self._unload_and_optionally_merge(merge=False)
+            raise
         add_compiled_sync_hook(model)
 
     def _check_targets(self, model: nn.Module, adapter_name: str, config: S2FTConfig, owns_layout: bool) -> None:
@@ -175,15 +182,24 @@ class S2FTModel(BaseTuner):
         return units
 
     def arrange(self) -> None:
-        """Lay out the owner's blocks so its units are contiguous, then point every adapter at its units."""
-        if self.s2ft_layout_owner is not None:
-            for key, units in self.adapter_units(self.s2ft_layout_owner).items():
-                block = self._blocks[key]
-                if layout_blocker(self.model, block) is None:
-                    self.s2ft_layout.move(self.model, block, block.contiguous_order(units))
+        """Lay out the owner's blocks so its units are contiguous, then point every adapter at its units.
+
+        Every move is verified (``Layout.move_verified``): a block whose function a move would change stays where it
+        is and still trains, with a warning; if the owner asked for ``permute=True`` (and is not being loaded, where
+        ``permute`` is a preference), a ValueError follows once every adapter points at its units.
+        """
+        refused = {}
+        owner = self.s2ft_layout_owner
+        if owner is not None:
+            moves = [(self._blocks[key], self._blocks[key].contiguous_order(units))
+                     for key, units in self.adapter_units(owner).items()
+                     if layout_blocker(self.model, self._blocks[key]) is None]
+            refused = self.s2ft_layout.move_verified(self.model, moves)
         for path, block, layer in self.s2ft_layers():
             for adapter_name, indices in layer.s2ft_indices.items():
                 layer.set_positions(adapter_name, self.s2ft_layout.positions(block, block.role(path), indices))
+        if refused:
+            _report_refused(refused, strict=self.peft_config[owner].permute is True and not loading())
 
     @contextlib.contextmanager
     def original_layout(self):
@@ -202,8 +218,9 @@ class S2FTModel(BaseTuner):
         self.arrange()
 
     def state_dict(self, *args, **kwargs):
-        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state)."""
-        with through_tuner():
+        """Base weights stay in the current layout (no copy); the layout is recorded beside them (extra state).
+        PeftModel's state dict, which every save and hotswap takes, passes through here."""
+        with through_tuner(), standard_4bit_layouts(self.model):
             return super().state_dict(*args, **kwargs)
 
     def get_extra_state(self) -> torch.Tensor:
@@ -248,8 +265,9 @@ class S2FTModel(BaseTuner):
             for deltas in (getattr(layer, attr) for attr in getattr(layer, "adapter_layer_names", ())):
                 for name in names:
                     if name in deltas and not torch.isfinite(deltas[name]).all():
-                        raise ValueError(
-                            f"NaNs detected in the S2FT adapter '{name}' at '{path}'; nothing was merged."
+                        raise ValueError(  # PEFT's message first: PEFT's tests and users' scripts match it
+                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken (S2FT: a "
+                            f"non-finite delta at '{path}'; nothing was merged)."
                         )
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -283,6 +301,25 @@ class S2FTModel(BaseTuner):
         return remapped
 
 
+class LayoutRefused(ValueError):
+    """``permute=True`` cannot be honoured: co-permuting a block would change what it computes."""
+
+
+def _report_refused(refused: dict[str, str], strict: bool) -> None:
+    listed = "; ".join(f"'{key.rsplit(':', 1)[0]}': {why}" for key, why in list(refused.items())[:3])
+    more = f"; and {len(refused) - 3} more block(s)" if len(refused) > 3 else ""
+    if strict:
+        raise LayoutRefused(
+            f"S2FT cannot honour permute=True: {listed}{more}. Leave permute unset to co-permute only the blocks that "
+            "allow it, or set permute=False."
+        )
+    warnings.warn(
+        f"S2FT leaves {len(refused)} block(s) in their original layout: {listed}{more}. They still train; S2FT "
+        "gathers their selected rows/columns instead of slicing them.",
+        stacklevel=3,
+    )
+
+
 def _layout_of(model: nn.Module) -> Optional[Layout]:
     """The layout the model's S2FT layers address their units through, if it has any."""
     return next((module._s2ft_place[0] for module in model.modules() if hasattr(module, "_s2ft_place")), None)
@@ -292,6 +329,10 @@ def _check_adapter_name(adapter_name: str) -> None:
     """Adapter names become attribute names of parameter and buffer dicts: refuse one torch cannot register."""
     from peft.tuners._buffer_dict import BufferDict
 
+    if adapter_name == "__base__":
+        raise ValueError(
+            "Invalid S2FT adapter name '__base__': it is reserved, as in `adapter_names` it means the base model."
+        )
     try:
         nn.ParameterDict({adapter_name: nn.Parameter(torch.empty(0))})
         BufferDict({adapter_name: torch.empty(0)})
@@ -342,27 +383,13 @@ def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict
         keys = (f"{path}.s2ft_indices.{adapter_name}", f"{path}.s2ft_delta.{adapter_name}")
         expected.update(keys)
         indices, delta = (state_dict.get(key) for key in keys)
-        if indices is None or delta is None:
-            raise ValueError(
-                f"{where} has no {'indices' if indices is None else 'delta'}; the adapter was saved for other target "
-                "modules or is incomplete."
-            )
-        shape = module.s2ft_delta[adapter_name].shape
+        check_present(where, indices, delta)  # the checks vLLM and the converter make (s2ft_format), in this order
         try:
             module.check_indices(adapter_name, indices, expected_count=module.s2ft_indices[adapter_name].numel())
         except ValueError as error:
             raise ValueError(f"{error} Module: '{path.removeprefix(_PEFT_PREFIX)}'.") from None
-        if tuple(delta.shape) != tuple(shape):
-            raise ValueError(
-                f"{where} has a delta of shape {tuple(delta.shape)} but this base model needs {tuple(shape)}."
-            )
-        if not torch.isfinite(delta).all():
-            raise ValueError(f"{where} has a delta holding NaN or infinite values; it was not loaded.")
+        check_delta(where, delta, module.s2ft_delta[adapter_name].shape)
     # PEFT names only the keys that match an adapted module; the others keep their saved names
     for key in state_dict:
         if key not in expected and ".s2ft_" in key:
-            raise ValueError(
-                f"S2FT adapter '{adapter_name}' holds '{key.removeprefix(_PEFT_PREFIX)}', which has no place in this "
-                "model: the adapter was trained on a model with other layers or projections, or its config does not "
-                "name all its target modules."
-            )
+            raise stray_error(f"S2FT adapter '{adapter_name}'", key.removeprefix(_PEFT_PREFIX))

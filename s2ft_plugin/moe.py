@@ -34,6 +34,8 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_adapters_to_merge, check_target_module_exists
 
+from s2ft_format.tensors import check_delta, check_expert_channels, missing_error
+
 from .layer import S2FTLayer, _stamp
 from .selection import seeded_scores
 
@@ -454,23 +456,7 @@ class Experts(nn.Module, S2FTLayer):
         """Raise a ValueError naming the problem if ``indices`` cannot name ``expected_count`` channels per expert."""
         experts, channels = self.layout.num_experts, self.layout.channels
         where = f"S2FT adapter '{adapter_name}' (channels of {experts} experts with {channels} channels each)"
-        if indices.dim() != 2 or indices.shape[0] != experts or indices.dtype.is_floating_point \
-                or indices.dtype == torch.bool:
-            raise ValueError(
-                f"{where}: indices must be an integer tensor of shape ({experts}, k), got {indices.dtype} "
-                f"{tuple(indices.shape)}."
-            )
-        if expected_count is not None and indices.shape[1] != expected_count:
-            raise ValueError(
-                f"{where}: {indices.shape[1]} channels per expert but the config gives {expected_count}; the adapter "
-                "was trained with another channel count or on another model."
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= channels):
-            raise ValueError(
-                f"{where}: indices must lie in [0, {channels}), got [{int(indices.min())}, {int(indices.max())}]."
-            )
-        if indices.numel() and bool((torch.sort(indices, dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError(f"{where}: indices repeat a channel within an expert.")
+        check_expert_channels(where, indices, experts, channels, expected_count)
 
     def check_saved(self, adapter_name: str, state_dict: dict, path: str, where: str) -> set[str]:
         """Check this layer's tensors of a loaded adapter before anything is loaded; return their keys."""
@@ -478,22 +464,13 @@ class Experts(nn.Module, S2FTLayer):
         keys = {part: f"{path}.{DELTAS[part]}.{adapter_name}" for part in self.parts(adapter_name)}
         for what, key in [("indices", indices_key), *((f"{part} delta", key) for part, key in keys.items())]:
             if key not in state_dict:
-                raise ValueError(
-                    f"{where} has no {what}; the adapter was saved for other target modules or is incomplete."
-                )
+                raise missing_error(where, what)  # the checks vLLM makes (s2ft_format), in this order
         try:
             self.check_indices(adapter_name, state_dict[indices_key], expected_count=self._count(adapter_name))
         except ValueError as error:
             raise ValueError(f"{error} ({where})") from None
         for part, key in keys.items():
-            shape, delta = getattr(self, DELTAS[part])[adapter_name].shape, state_dict[key]
-            if tuple(delta.shape) != tuple(shape):
-                raise ValueError(
-                    f"{where} has a {part} delta of shape {tuple(delta.shape)} but this base model needs "
-                    f"{tuple(shape)}."
-                )
-            if not torch.isfinite(delta).all():
-                raise ValueError(f"{where} has a {part} delta holding NaN or infinite values; it was not loaded.")
+            check_delta(where, state_dict[key], getattr(self, DELTAS[part])[adapter_name].shape, f"{part} delta")
         return {indices_key, *keys.values()}
 
     def _sync_indices(self) -> None:
@@ -561,10 +538,14 @@ class Experts(nn.Module, S2FTLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("S2FT experts do not support mixed-adapter batches (`adapter_names`) yet.")
-        kwargs.pop("adapter_names", None)
+        adapter_names = kwargs.pop("adapter_names", None)
         self._sync_indices()
+        if adapter_names is not None:  # mixed_batch refused every adapter of these experts: all rows get the base
+            if self.merged:
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
+            return self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

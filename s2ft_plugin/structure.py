@@ -224,6 +224,13 @@ def _coupled_state(block: Block, block_module: nn.Module, arch: Architecture) ->
     projection_paths = {path.rsplit(".", 1)[-1] + "." for path in block.projections.values()}
     other_blocks = {name + "." for name, child in block_module.named_children()
                     if any(arch.role(f"{name}.{grandchild}") for grandchild, _ in child.named_children())}
+    if block.kind == "heads":
+        heads = {block.num_units, block.axis_units("key_value")}
+        for name, child in block_module.named_modules():
+            if (isinstance(child, nn.ModuleList) and len(child) in heads
+                    and (name.split(".", 1)[0] + ".") not in projection_paths | other_blocks):
+                path = f"{block.name}.{name}" if block.name else name
+                return (), f"{where} holds '{path}', one module per head, which S2FT does not move with its heads"
     coupled = []
     for name, tensor in [*block_module.named_parameters(), *block_module.named_buffers()]:
         head = name.split(".", 1)[0]

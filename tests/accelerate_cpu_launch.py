@@ -2,7 +2,8 @@
 
 accelerate 1.15 enables FSDP and DeepSpeed only for accelerator devices: with `use_cpu` it silently falls back to DDP,
 without it the processes do not even join one group. This wrapper makes accelerate treat the gloo CPU group like a
-multi-GPU one, so the real FSDP1/FSDP2/ZeRO code paths of accelerate, transformers and TRL run here:
+multi-GPU one, so the real FSDP1/FSDP2/ZeRO code paths of accelerate, transformers and TRL run here (on a GPU host
+too: DeepSpeed is told to use the CPU):
 
     accelerate launch --config_file trl_examples/accelerate_fsdp2.yaml tests/accelerate_cpu_launch.py SCRIPT ARGS... \
         [--then ARGS...]
@@ -26,6 +27,9 @@ from accelerate.utils import DistributedType
 from torch.distributed.fsdp._flat_param import FlatParamHandle
 
 os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+# DeepSpeed picks its accelerator when first imported (later, by accelerate): on a GPU host it would pick CUDA for every
+# rank, all on one GPU or on devices a 1-GPU host lacks
+os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _gloo_as_multi_device(self, cpu=False, sagemaker_dp=False, backend=None):

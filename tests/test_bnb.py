@@ -14,6 +14,7 @@ from helpers import ALL_PROJECTIONS, dense_merge, saved_adapter, selected_grad  
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
+import s2ft_plugin  # noqa: E402
 from s2ft_plugin import S2FTConfig, S2FTLayer  # noqa: E402
 from s2ft_plugin import bnb as s2ft_bnb  # noqa: E402
 from s2ft_plugin.tiny import build_model, build_tokenizer, save_checkpoint  # noqa: E402
@@ -222,6 +223,31 @@ def test_merge_after_cpu_inference_repacking(checkpoint, nested):
         peft_model.merge_adapter()
     merged = logits(peft_model, token_ids())
     assert (merged - unmerged).abs().max() < 0.5 * (unmerged - base).abs().max()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_saves_and_hotswaps_leave_repacked_4bit_layers_exact(checkpoint, nested, tmp_path):
+    """bitsandbytes 0.50's own state_dict() undoes the CPU repacking with a faulty inverse (absmax left transposed):
+    the layers then compute ~0.3 logits off. The state dicts S2FT takes (save_pretrained, hotswap) restore the
+    standard layout first, for every 4-bit layer of the model."""
+    peft_model = s2ft(quantized(checkpoint, "nf4", bnb_4bit_use_double_quant=nested), scale=0.1).eval()
+    before = logits(peft_model, token_ids())
+    if not any(getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+               for module in peft_model.modules() if isinstance(module, bnb.nn.Linear4bit)):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the standard 4-bit layout")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(peft_model, token_ids()), before, rtol=0, atol=0)
+    state = peft_model.state_dict()  # the standard 4-bit format, as a fresh model's state dict has it
+    fresh = quantized(checkpoint, "nf4", bnb_4bit_use_double_quant=nested).state_dict()
+    key = next(key for key in fresh if key.endswith("layers.0.self_attn.q_proj.weight"))
+    assert state["base_model.model." + key.replace("q_proj.", "q_proj.base_layer.")].shape == fresh[key].shape
+    torch.testing.assert_close(logits(peft_model, token_ids()), before, rtol=0, atol=0)
+    s2ft_plugin.hotswap_adapter(peft_model, str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(peft_model, token_ids()), before, rtol=0, atol=0)
+    plain = quantized(checkpoint, "nf4", bnb_4bit_use_double_quant=nested).eval()  # the upstream fault, unpatched
+    expected = logits(plain, token_ids())
+    plain.state_dict()
+    assert nested or (logits(plain, token_ids()) - expected).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -2,6 +2,12 @@
 understands and never shows outside the tuner, and unusable input is refused with the field or module named."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 
 import peft.peft_model
@@ -9,9 +15,11 @@ import pytest
 import torch
 from helpers import ALL_PROJECTIONS, dense_merge, saved_adapter
 from peft import PeftModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import s2ft_plugin
 from s2ft_plugin import S2FTConfig, S2FTLayer
 from s2ft_plugin.tiny import build_model
 
@@ -400,3 +408,87 @@ def test_transformers_load_adapter_of_a_second_adapter_keeps_the_first_exact(tok
     shown = {key.replace("base_layer.", ""): value for key, value in base.state_dict().items() if ".s2ft_" not in key}
     state = build_model("llama").state_dict()
     assert shown.keys() == state.keys() and all(torch.equal(shown[key], state[key]) for key in state)  # original order
+
+
+# ---------------------------------------------------------------- issue 15: messages, leftovers, reserved names
+def test_unreadable_weights_name_the_file(tmp_path):
+    """Row 7: safetensors' own error names no file; the load (and hotswap) errors name it, and nothing changes."""
+    good, _ = adapter(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[:100])
+    file = str(bad / "adapter_model.safetensors")
+    base = build_model("llama")
+    before = snapshot(base)
+    with pytest.raises(SafetensorError, match=re.escape(file)):
+        PeftModel.from_pretrained(base, bad)
+    assert_untouched(base, before)
+    model = PeftModel.from_pretrained(base, good)
+    with pytest.raises(SafetensorError, match=re.escape(file)):
+        model.load_adapter(bad, adapter_name="other")
+    with pytest.raises(SafetensorError, match=re.escape(file)):
+        s2ft_plugin.hotswap_adapter(model, str(bad))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_safe_merge_of_non_finite_deltas_says_what_peft_says(token_batch):
+    """Row 8: PEFT's message first (its tests and users' scripts match it), S2FT's detail after it."""
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama"), S2FTConfig(num_heads=2, init_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].mlp.down_proj.s2ft_delta["default"][0, 0] = float("nan")
+    before = {key: value for key, value in snapshot(model.get_base_model()).items() if ".s2ft_" not in key}
+    peft_message = "NaNs detected in the merged weights. The adapter default seems to be broken"
+    for merge in (lambda: model.merge_adapter(safe_merge=True), lambda: model.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match=re.escape(peft_message) + r" \(S2FT: .*'model.layers.1.mlp.down_proj'"):
+            merge()
+        state = model.get_base_model().state_dict()
+        assert all(torch.equal(state[key], value) for key, value in before.items())
+
+
+KILLED_SAVE = """
+import os, signal, sys, torch, peft.peft_model
+from peft import get_peft_model
+from s2ft_plugin import S2FTConfig
+from s2ft_plugin.tiny import build_model
+
+def killed(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+peft.peft_model.safe_save_file = killed
+get_peft_model(build_model("llama"), S2FTConfig(num_heads=1)).save_pretrained(sys.argv[1])
+"""
+
+
+def test_staging_folders_of_killed_saves_are_removed_by_the_next_save(token_batch, tmp_path):
+    """Row 9: a save killed midway leaves its staging folder; the next save to that adapter removes it (a live save's
+    folder, of this process here, stays)."""
+    folder, first = adapter(tmp_path)
+    result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder)], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    leftovers = [path for path in tmp_path.iterdir() if path.name.startswith(".adapter.saving-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "adapter_model.safetensors").read_bytes() == b"partial"
+    live = tempfile.mkdtemp(prefix=f".adapter.saving-{os.getpid()}-", dir=tmp_path)  # not this machine's format
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(build_model("llama"), folder), token_batch),
+                               logits(first, token_batch), atol=1e-5, rtol=1e-5)  # the killed save changed nothing
+    first.save_pretrained(folder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["adapter", os.path.basename(live)])
+
+
+def test_the_reserved_name_of_the_base_model_is_refused_everywhere(tmp_path):
+    """Row 10: "__base__" means the base model in `adapter_names`, so no adapter may take it."""
+    folder, _ = adapter(tmp_path)
+    model = PeftModel.from_pretrained(build_model("llama"), folder)
+    reserved = "adapter name '__base__': it is reserved"
+    with pytest.raises(ValueError, match=reserved):
+        model.add_weighted_adapter(["default"], [1.0], "__base__")
+    with pytest.raises(ValueError, match=reserved):
+        model.add_adapter("__base__", S2FTConfig(num_heads=1))
+    with pytest.raises(ValueError, match=reserved):
+        model.load_adapter(folder, adapter_name="__base__")
+    with pytest.raises(ValueError, match=reserved):
+        get_peft_model(build_model("llama"), S2FTConfig(num_heads=1), adapter_name="__base__")
+    assert list(model.peft_config) == ["default"]

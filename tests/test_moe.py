@@ -6,6 +6,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+import s2ft_plugin
 from s2ft_plugin import S2FTConfig, S2FTLayer, initialize_s2ft_selection
 from s2ft_plugin.moe import Experts, experts_layout
 from s2ft_plugin.tiny import build_model
@@ -382,3 +383,50 @@ def test_expert_targets_match_like_module_names():
     assert adapted(target_modules=["o_proj", "down_proj"], exclude_modules=["model.layers.0.mlp.experts"]) == {
         "1": ("down_proj",)
     }
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_hotswap_of_an_adapter_on_the_experts_alone(arch, ids, tmp_path):
+    """Issue 15 row 3: no StopIteration, the swapped adapter equals its merged reference, and a merged one is refused."""
+    folders, expected = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = S2FTConfig(task_type="CAUSAL_LM", target_modules=["down_proj"], init_weights=False, seed=seed)
+        get_peft_model(build(arch), config).save_pretrained(tmp_path / str(seed))
+        folders.append(str(tmp_path / str(seed)))
+        with torch.no_grad():
+            expected.append(PeftModel.from_pretrained(build(arch), folders[-1]).merge_and_unload()(ids).logits)
+    with torch.no_grad():
+        base = build(arch)(ids).logits
+    model = PeftModel.from_pretrained(build(arch), folders[0])
+    assert not any(isinstance(module, S2FTLayer) and not isinstance(module, Experts) for module in model.modules())
+    s2ft_plugin.hotswap_adapter(model, folders[1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected[1], rtol=1e-4, atol=1e-5)
+    model.merge_adapter()
+    for device in (None, "cpu"):
+        with pytest.raises(ValueError, match="while it is merged"):
+            s2ft_plugin.hotswap_adapter(model, folders[0], torch_device=device)
+    model.unmerge_adapter()
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_batches_on_moe_models(ids):
+    """Issue 15 row 4: rows of adapters that leave the experts alone mix exactly; an adapter on the experts is refused
+    by name, before anything runs."""
+    model = get_peft_model(build("mixtral"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))  # o_proj + experts
+    model.add_adapter("attention", S2FTConfig(task_type="CAUSAL_LM", target_modules=["o_proj"], init_weights=False,
+                                              seed=3))
+    model.eval()
+    with pytest.raises(ValueError, match=r"\['default'\] adapt MoE experts"):
+        model(ids, adapter_names=["default", "attention"])
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["attention", "__base__"]).logits
+        model.base_model.set_adapter("attention")
+        alone = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    torch.testing.assert_close(mixed[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
+    assert (alone[0] - base[0]).abs().max() > 1e-3  # the adapter changes its row

@@ -125,6 +125,25 @@ def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):
         model(ids, adapter_names=["default", "__base__"])
 
 
+def test_compiled_model_refuses_adapter_names_instead_of_ignoring_them(tmp_path):
+    """Issue 15 row 5: compiled code does not see hooks added after compilation, so it would give every row the active
+    adapter; it refuses instead, whether it was compiled on a plain call or on a mixed one."""
+    model, _ = two_adapters(tmp_path)
+    ids = torch.randint(3, 384, (2, 5), generator=torch.Generator().manual_seed(0))
+    names = ["other", "__base__"]
+    expected = logits(model, ids, adapter_names=names)
+    for first_call in ({}, {"adapter_names": names}):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        if not first_call:
+            torch.testing.assert_close(logits(compiled, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+        for adapter_names in (names, names[:1]):
+            with pytest.raises(ValueError, match="torch.compile'd S2FT model cannot honour `adapter_names`"):
+                logits(compiled, ids, adapter_names=adapter_names)
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits(model, ids, adapter_names=names), expected, rtol=0, atol=0)
+
+
 def test_mixed_batches_reach_modules_to_save(tmp_path):
     torch.manual_seed(0)
     model = s2ft(target_modules=["o_proj"], num_heads=1, modules_to_save=["lm_head"])

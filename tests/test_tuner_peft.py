@@ -246,6 +246,19 @@ with torch.no_grad():
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(model, token_batch), atol=1e-5, rtol=1e-5)
 
 
+def test_importing_peft_prints_nothing():
+    """bitsandbytes' notice about the hub kernel package it cannot find is dropped by the start-up hook (only it)."""
+    result = subprocess.run([sys.executable, "-c", "import peft"], capture_output=True, text=True, check=True)
+    assert (result.stdout, result.stderr) == ("", "")
+    from bitsandbytes.functional import has_avx512bf16
+
+    if has_avx512bf16():  # the CPUs where bitsandbytes looks for the kernel: without the hook, the notice shows
+        unhooked = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "
+                    "'_RegisterAfterPeft']; import peft")
+        result = subprocess.run([sys.executable, "-c", unhooked], capture_output=True, text=True, check=True)
+        assert "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'" in result.stderr
+
+
 def test_hooks_on_the_base_layer_still_run(token_batch):
     """The fused path (base matmul inside the delta) is only taken where it computes exactly what the base would."""
     model = s2ft("llama", seed=14)

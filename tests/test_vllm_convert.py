@@ -1,7 +1,10 @@
 """S2FT -> LoRA conversion, folder checks, tensor-parallel index splitting and the base-token fix, without an engine."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -9,14 +12,16 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from vllm_support import build_checkpoints
 
 from s2ft_plugin.architectures import LLAMA_NAMES
 from s2ft_plugin.structure import ROLES
-from vllm_ext.adapter import EXPERT_DELTAS, PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
+from vllm_ext.adapter import PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
 from vllm_ext.convert import main as convert_main
+from vllm_ext.experts import EXPERT_DELTAS
+from vllm_ext.validation import DEFAULT_TARGETS, check_fits_model
 
 
 CONVERTED = ["inputs", "outputs", "both"]  # k within vLLM's LoRA ranks
@@ -33,12 +38,14 @@ def test_tables_match_their_sources():
 
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
+    from s2ft_plugin.architectures import default_target_modules
     from s2ft_plugin.moe import DELTAS
 
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
+    assert sorted(DEFAULT_TARGETS) == sorted(default_target_modules(AutoConfig.for_model("llama")))
     assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
     assert {packed: list(names) for packed, names in PACKED.items()} == LlamaForCausalLM.packed_modules_mapping
-    assert set(EXPERT_DELTAS) == set(DELTAS.values())
+    assert EXPERT_DELTAS == DELTAS
 
 
 @pytest.mark.parametrize("name", CONVERTED)
@@ -124,21 +131,24 @@ def _edit(tensors, config, suffix, fn):
 
 MALFORMED = {
     "not S2FT": (lambda t, c: c.update(peft_type="LORA"), "does not declare peft_type 'S2FT'"),
+    "config value": (lambda t, c: c.update(head_ratio="lots"), r"adapter_config.json: S2FTConfig.head_ratio must be a "
+                                                               r"number, got 'lots' \(str\)."),
     "extra tensor": (lambda t, c: t.update({"base_model.model.lm_head.weight": torch.zeros(2, 2)}),
                      "unexpected tensor"),
     "unknown projection": (lambda t, c: t.update({k.replace("o_proj", "dense"): v.clone() for k, v in t.items()
-                                                  if "o_proj" in k}), "not 'dense'"),
+                                                  if "o_proj" in k}), "dense.s2ft_indices', which has no place"),
     "float indices": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", torch.Tensor.float), "1-D integer"),
     "duplicates": (lambda t, c: _edit(t, c, "o_proj.s2ft_indices", lambda i: i.clone().fill_(3)), "duplicates"),
-    "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), "negative"),
-    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()), "with k=51"),
+    "negative": (lambda t, c: _edit(t, c, "down_proj.s2ft_indices", lambda i: i - 1000), r"lie in \[0, 1024\)"),
+    "wrong k": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d[:, :-1].clone()),
+                r"delta of shape \(128, 50\) but this base model needs \(128, 51\)"),
     "nan": (lambda t, c: _edit(t, c, "down_proj.s2ft_delta", lambda d: d * float("nan")), "NaN"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_folders_are_refused_with_the_reason(checkpoints, tmp_path, case):
-    _, _, adapters = checkpoints
+    _, base_dir, adapters = checkpoints
     edit, message = MALFORMED[case]
     folder = tmp_path / "bad"
     shutil.copytree(adapters["inputs"], folder)
@@ -147,8 +157,8 @@ def test_malformed_folders_are_refused_with_the_reason(checkpoints, tmp_path, ca
     edit(tensors, config)
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(MalformedS2FTAdapter, match=message):
-        read_s2ft_adapter(str(folder))
+    with pytest.raises(ValueError, match=message):  # the folder, then the folder against the model
+        check_fits_model(read_s2ft_adapter(str(folder)), AutoConfig.from_pretrained(base_dir))
 
 
 def test_missing_files_are_refused(tmp_path):
@@ -212,13 +222,45 @@ def test_base_tokens_get_no_adapter_in_a_full_lora_batch():
     assert not torch.allclose(outputs[PunicaWrapperCPU], expected)  # vLLM's own: base rows get the last slot
 
 
-def test_moe_expert_deltas_are_refused_by_name(tmp_path):
+def test_moe_expert_deltas_are_read_and_not_converted(tmp_path):
     from peft import get_peft_model
 
     from s2ft_plugin import S2FTConfig
     from s2ft_plugin.tiny import build_model
 
-    model = get_peft_model(build_model("mixtral"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False))
-    model.save_pretrained(tmp_path)
-    with pytest.raises(MalformedS2FTAdapter, match=r"experts\.s2ft_down_delta' is an MoE expert delta; vLLM's LoRA"):
-        read_s2ft_adapter(str(tmp_path))
+    config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, target_modules=["o_proj", "experts.gate_up_proj"])
+    model = get_peft_model(build_model("mixtral"), config)
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = read_s2ft_adapter(str(tmp_path / "adapter"))
+    saved = model.base_model.model.model.layers[1].mlp.experts
+    experts = adapter.experts["model.layers.1.mlp.experts"]
+    assert torch.equal(experts.channels, saved.s2ft_indices["default"])
+    assert torch.equal(experts.delta("up_proj"), saved.s2ft_up_delta["default"]) and experts.delta("down_proj") is None
+    assert set(adapter.modules) == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    with pytest.raises(MalformedS2FTAdapter, match=r"'model\.layers\.0\.mlp\.experts': the converter exports dense "):
+        convert_s2ft_to_lora(str(tmp_path / "adapter"), str(tmp_path / "lora"))
+    assert not (tmp_path / "lora").exists()
+
+
+def test_the_k_setting_is_a_variable_vllm_knows(monkeypatch):
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+
+    import vllm.envs as envs
+
+    monkeypatch.setenv("VLLM_S2FT_MAX_K", "o_proj=64")
+    load_general_plugins()  # what every vLLM process runs before it checks the environment
+    for name in [name for name in os.environ if name.startswith("VLLM_") and name not in envs.environment_variables]:
+        monkeypatch.delenv(name)  # vLLM's in-process engines of earlier tests leave VLLM_DIST_IDENT behind
+    current_platform.validate_environ(hard_fail=True)  # vLLM's own check: raises on VLLM_* variables it does not know
+    monkeypatch.setenv("VLLM_S2FT_MAX_KK", "64")
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_S2FT_MAX_KK"):
+        current_platform.validate_environ(hard_fail=True)
+
+
+def test_vllm_processes_import_neither_peft_nor_bitsandbytes():
+    """What the plugin runs in vLLM's workers and front end (the shared checks included) stays light."""
+    script = ("import sys, vllm_ext.plugin, vllm_ext.loader, vllm_ext.validation; vllm_ext.plugin.register(); "
+              "print(sorted(name for name in ('peft', 'bitsandbytes', 's2ft_plugin') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -156,9 +156,9 @@ def _deeper_model(tensors, config):
 
 
 MALFORMED = [
-    ("out_of_range", _out_of_range, "s2ft_indices reach 1[01]"),
-    ("missing_delta", _missing_delta, "s2ft_delta is missing"),
-    ("deeper_model", _deeper_model, "has no such module|no LoRA layer"),
+    ("out_of_range", _out_of_range, r"indices must lie in \[0, 1024\)"),
+    ("missing_delta", _missing_delta, "has no delta; the adapter was saved for other target modules or is incomplete"),
+    ("deeper_model", _deeper_model, "has no indices; the adapter was saved for other target modules or is incomplete"),
 ]
 
 

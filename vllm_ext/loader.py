@@ -2,34 +2,84 @@
 
 Every way vLLM loads an adapter (offline ``LoRARequest``, ``--lora-modules``, ``/v1/load_lora_adapter``) ends in
 ``WorkerLoRAManager._load_adapter`` in the worker process, so that is the one place an S²FT folder is recognised.
-Each module becomes a LoRA pair whose one-hot factor is replaced by its 1-D integer indices, which only the S²FT
-layers (``vllm_ext.layers``) accept; a module whose layer has no S²FT buffers is refused, never converted.
+The folder is checked as the front end checks it (``vllm_ext.validation``: PEFT's checks against the served model's
+config, and the engine's buffers), and against the served layers. Each module becomes a LoRA pair whose one-hot factor
+is replaced by its 1-D integer indices, which only the S²FT layers (``vllm_ext.layers``) accept; a module whose layer
+has no S²FT buffers is refused, never converted.
+
+A switch should cost the adapter's bytes and little else, since with more adapters than slots (or than vLLM's CPU
+cache) it happens all the time:
+
+- The checks of a folder are made once and remembered per worker, keyed by its files (inode, size, modification time
+  of the config and the weights, taken before and after reading them) and the engine's ``VLLM_S2FT_MAX_K``: a folder
+  evicted from vLLM's CPU cache is read again but not checked again while its files stay the same.
+- Each module is cut to this rank's shard and laid out as the slots hold it (``S2FTLayerMixin.s2ft_module``) here,
+  once per load, so bringing a cached adapter into a slot is one copy per module (``vllm_ext.layers``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.utils import parse_fine_tuned_lora_name
 
-from .adapter import PREFIX, check_dims, read_s2ft_adapter
-from .capacity import SETTING, check_capacity, max_k_per_projection
+from .adapter import PREFIX, S2FTAdapter, folder_state, read_s2ft_adapter
+from .capacity import SETTING, engine_setting
 from .layers import S2FTLayerMixin
+from .moe import experts_lora_weights
+from .validation import check_servable
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a module of a checked adapter goes: vLLM's module name, its LoRA layer and the slice in it."""
+
+    name: str
+    layer: S2FTLayerMixin
+    slice_index: int
+    side: str
 
 
 def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
     """The S²FT adapter in ``path`` as a LoRAModel for ``worker_manager`` (a vLLM ``WorkerLoRAManager``)."""
-    manager = worker_manager._adapter_manager
-    lora_config = worker_manager.lora_config
-    adapter = read_s2ft_adapter(path)
-    check_capacity(adapter, max_k_per_projection())
-    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
-    mapper = mapper.get_rename_mapper() if mapper is not None else None
-    owners = _layer_owners(manager)
+    checked = worker_manager.__dict__.setdefault("_s2ft_checked", {})  # key -> (config, {module path: Placement})
+    setting = engine_setting(_started_with(worker_manager))
+    before = folder_state(path)
+    key = (path, setting, before)
+    config, placements = checked.get(key, (None, None))
+    adapter = read_s2ft_adapter(path, config)
+    if not before or folder_state(path) != before:  # the files changed while being read: check what was read
+        placements = None
+    if placements is None:
+        placements = servable_projections(worker_manager, adapter, setting)
+        if before and folder_state(path) == before:
+            checked[key] = adapter.config, placements
 
     loras = {}
     for module_path, module in adapter.modules.items():
-        where = f"S2FT adapter at {path!r}, module {module_path!r}"
+        placement = placements[module_path]
+        indices, delta = placement.layer.s2ft_module(placement.slice_index, module.indices, module.delta)
+        lora_a, lora_b = (indices, delta) if placement.side == "input" else (delta, indices)
+        loras[placement.name] = LoRALayerWeights(placement.name, module.k, module.k, lora_a, lora_b, scaling=1.0)
+    for module_path, module in adapter.experts.items():
+        name, weights = experts_lora_weights(worker_manager._adapter_manager, path, module_path, module)
+        loras[name] = weights
+    return LoRAModel(lora_id, adapter.max_k, loras)
+
+
+def servable_projections(worker_manager, adapter: S2FTAdapter, setting: str) -> dict[str, Placement]:
+    """Refuse an adapter this worker cannot serve (the front end's checks, then the served layers'); return where
+    each of its modules goes."""
+    manager = worker_manager._adapter_manager
+    projections = check_servable(adapter, manager.model.config, worker_manager.lora_config.target_modules, setting)
+    mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+    mapper = mapper.get_rename_mapper() if mapper is not None else None
+    owners = _layer_owners(manager)
+    placements = {}
+    for module_path in adapter.modules:
+        where = f"S2FT adapter at {adapter.path!r}, module {module_path!r}"
         name, _ = parse_fine_tuned_lora_name(f"{PREFIX}{module_path}.lora_A.weight", mapper)
         if name not in owners:
             raise ValueError(
@@ -43,16 +93,21 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
                 f"(S2FT serves q/k/v/gate/up_proj slices of qkv_proj/gate_up_proj and o_proj/down_proj, with "
                 f"{SETTING} naming the projection)."
             )
-        out_features, in_features = _dims(layer, slice_index)
-        if module.side == "input":
-            axis_size, projection_dim = in_features, out_features
-        else:
-            axis_size, projection_dim = out_features, in_features
-        check_dims(where, module, axis_size, projection_dim)
-        delta = module.delta.to(lora_config.lora_dtype)
-        lora_a, lora_b = (module.indices, delta) if module.side == "input" else (delta, module.indices)
-        loras[name] = LoRALayerWeights(name, module.k, module.k, lora_a, lora_b, scaling=1.0)
-    return LoRAModel(lora_id, adapter.max_k, loras)
+        projection, dims = projections[module_path], _dims(layer, slice_index)
+        if dims != (projection.out_features, projection.in_features):
+            raise ValueError(  # the model config's sizes, which the adapter was checked against, are not the layer's
+                f"{where}: vLLM's layer {name!r} is {dims} (out, in) but the model config gives "
+                f"{(projection.out_features, projection.in_features)}; S2FT serves models whose projections have "
+                "Llama's sizes."
+            )
+        placements[module_path] = Placement(name, layer, slice_index or 0, projection.side)
+    return placements
+
+
+def _started_with(worker_manager) -> str | None:
+    """What the plugin sized the engine's S2FT buffers from at start-up (None: nothing), as its layers recorded it."""
+    return next((layer.s2ft_sized for layer in worker_manager._adapter_manager.modules.values()
+                 if isinstance(layer, S2FTLayerMixin)), None)
 
 
 def _layer_owners(manager) -> dict:

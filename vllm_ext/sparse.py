@@ -16,11 +16,15 @@ base output on every platform.
 - **grouped** (CPU): vLLM's CPU punica ops copy each token's weights, so the CPU sorts the batch's tokens by slot
   once (:func:`group_tokens`, on the host, shared by all layers) and multiplies each slot's rows by its delta, read
   once: one ``torch.bmm`` over blocks padded to the fullest slot while that at most doubles the rows, else one grouped
-  GEMM (``torch._grouped_mm``). Deltas live in the layout these read fastest, ``(slots, k, out)`` and
-  ``(slots, in, k)``. Decode batch of 64 tokens over 16 adapters, down_proj columns (in 2816, out 1024, k 128), fp32,
-  2-core CPU: per-token punica ops about 21 ms, grouped GEMM 0.8-1.2 ms, padded bmm 0.36 ms (the dense base matmul
-  2.8 ms); a skewed prefill (1000 tokens of one adapter, 16 of each of 15 others): grouped GEMM 3.3 ms, padded bmm
-  50 ms.
+  GEMM (``torch._grouped_mm``). Deltas live in the adapter's own layout, ``(slots, out, k)`` and ``(slots, k, in)``
+  (punica's without its singleton axis), which the GEMMs read transposed: an adapter then enters a slot with one plain
+  copy per module, never a transposed one (``vllm_ext.layers``). Decode batch of 64 tokens over 16 adapters, down_proj
+  columns (in 2816, out 1024, k 128), fp32, 2-core CPU: per-token punica ops about 21 ms, grouped GEMM 0.8-1.2 ms,
+  padded bmm 0.36 ms (the dense base matmul 2.8 ms); a skewed prefill (1000 tokens of one adapter, 16 of each of 15
+  others): grouped GEMM 3.3 ms, padded bmm 50 ms. Reading the deltas transposed costs the padded bmm 5-15% on decode
+  batches (0.39 -> 0.44 ms at 16 adapters, o_proj) and the grouped GEMM 13% (input side) to 60% (output side, 2.1 ->
+  3.5 ms for that prefill at k 128), against keeping the transposed layout, which costs every switch a transposed copy
+  (about 1 ms per 4 MiB adapter on that CPU, more than the rest of the switch).
 """
 
 from __future__ import annotations
@@ -91,7 +95,8 @@ def group_tokens(slots: torch.Tensor, num_slots: int, active: frozenset) -> Toke
 
 
 def _slot_matmul(a: torch.Tensor, weights: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-    """Row i of ``a`` (rows in ``groups.order``) times the (K, N) weights of its slot; ``weights`` is (slots, K, N)."""
+    """Row i of ``a`` (rows in ``groups.order``) times the (K, N) weights of its slot; ``weights`` is (slots, K, N),
+    any strides (the deltas are transposed views)."""
     if groups.padded is None:
         return torch._grouped_mm(a, weights, offs=groups.offsets)
     num_slots, k, n = weights.shape
@@ -107,15 +112,15 @@ def grouped_fits(dtype: torch.dtype, *sizes: int) -> bool:
 
 def add_input_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
                            delta: torch.Tensor) -> torch.Tensor:
-    """As :func:`add_input_side_punica`, with ``delta`` of shape (slots, k, out)."""
+    """As :func:`add_input_side_punica`, with ``delta`` of shape (slots, out, k)."""
     gathered = x[groups.order.unsqueeze(1), index[groups.slots]]
-    return output.index_add_(0, groups.order, _slot_matmul(gathered, delta, groups).to(output.dtype))
+    return output.index_add_(0, groups.order, _slot_matmul(gathered, delta.mT, groups).to(output.dtype))
 
 
 def add_output_side_grouped(output: torch.Tensor, x: torch.Tensor, groups: TokenGroups, index: torch.Tensor,
                             delta: torch.Tensor, offset: int) -> torch.Tensor:
-    """As :func:`add_output_side_punica`, with ``delta`` of shape (slots, in, k)."""
-    update = _slot_matmul(x.index_select(0, groups.order), delta, groups)
+    """As :func:`add_output_side_punica`, with ``delta`` of shape (slots, k, in)."""
+    update = _slot_matmul(x.index_select(0, groups.order), delta.mT, groups)
     columns = index[groups.slots] + offset
     rows = groups.order.unsqueeze(1).expand_as(columns)
     return output.index_put_((rows, columns), update.to(output.dtype), accumulate=True)

@@ -1,0 +1,92 @@
+"""Unmerged generation with transformers: an S2FT adapter vs PEFT LoRA of equal parameters vs the base model, side by
+side in one process (greedy decoding with the KV cache; rounds in rotated order, medians).
+
+The limit from the shapes: an unmerged adapter adds its delta's multiply-adds to every token, so a generated token
+costs at least ``1 + P_adapter / P_base`` of the base's (P: the parameters each token multiplies, the output
+embedding included); everything above that is overhead.
+
+    python benchmarks/hf_generate.py                        # a synthetic Llama
+    python benchmarks/hf_generate.py --model models/SmolLM2-135M-Instruct   # make real-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from common import LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, s2ft_trainable
+from s2ft_plugin import S2FTConfig
+
+METHODS = ("base", "s2ft", "lora")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=7)
+    return parser.parse_args()
+
+
+def build(method: str, args):
+    model = benchmark_model(args, args.prompt + args.new_tokens).eval()
+    s2ft_config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False)  # trained-looking deltas: same cost as zeros
+    if method == "s2ft":
+        model = get_peft_model(model, s2ft_config)
+    elif method == "lora":
+        rank = equal_parameter_rank(model, s2ft_config, LORA_TARGETS["lora"])
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS["lora"], init_lora_weights=False))
+    return model.eval()
+
+
+def per_token_parameters(model) -> int:
+    """Parameters a token multiplies: every linear weight, the output embedding included (the input one is a lookup)."""
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    models = {method: build(method, args) for method in METHODS}
+    vocab = models["base"].config.vocab_size
+    prompt = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    times = {method: [] for method in METHODS}
+    with torch.no_grad():
+        for round_index in range(args.rounds + 1):  # round 0 warms up
+            order = METHODS[round_index % len(METHODS):] + METHODS[:round_index % len(METHODS)]
+            for method in order:
+                start = time.perf_counter()
+                models[method].generate(prompt, **settings)
+                if round_index:
+                    times[method].append(time.perf_counter() - start)
+    median = {method: statistics.median(values) for method, values in times.items()}
+    base_parameters = per_token_parameters(models["base"])
+    adapter_parameters = s2ft_trainable(models["base"], S2FTConfig())
+    name = args.model or (f"synthetic llama hidden={args.hidden} intermediate={args.intermediate} heads={args.heads} "
+                          f"layers={args.layers} vocab={args.vocab}")
+    print(f"date {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | torch {torch.__version__}")
+    print(f"{name} | batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, median of {args.rounds}")
+    print(f"limit for S2FT from the shapes: 1 + {adapter_parameters:,} / {base_parameters:,} = "
+          f"{1 + adapter_parameters / base_parameters:.3f}x the base")
+    print("| method | trainable params | generate (s) | tokens/s | vs base | vs LoRA |")
+    print("|---|---|---|---|---|---|")
+    for method in METHODS:
+        count = sum(p.numel() for n, p in models[method].named_parameters() if "lora_" in n or "s2ft_" in n)
+        tokens = args.batch * args.new_tokens / median[method]
+        print(f"| {method} | {count:,} | {median[method]:.3f} | {tokens:.1f} | {median[method] / median['base']:.3f}x "
+              f"| {median[method] / median['lora']:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

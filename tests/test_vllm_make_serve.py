@@ -1,0 +1,99 @@
+"""`make serve`, as a new user runs it after `make demo`: vLLM's OpenAI server on 127.0.0.1 serving the demo's tiny
+Llama with its S2FT adapter answers the curl the target prints, with the greedy tokens of the HF model with the adapter
+merged by PEFT."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 400  # make runs the demo first (training ~15 s), then vLLM starts (~1 min on 2 cores)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@torch.no_grad()
+def _greedy(demo, prompt_ids, max_tokens, adapter=True):
+    model = AutoModelForCausalLM.from_pretrained(demo / "tiny-llama", dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, demo / "s2ft-adapter").merge_and_unload()
+    output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                            pad_token_id=model.config.pad_token_id)
+    tokens = output[0, len(prompt_ids):].tolist()
+    eos = model.config.eos_token_id
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_make_serve_answers_the_curl_it_prints(tmp_path):
+    demo, port, log_path = tmp_path / "demo", _free_port(), tmp_path / "serve.log"
+    # the target itself; -o: never (re)install the venv from a test, PY: the interpreter running the tests
+    command = ["make", "-C", str(ROOT), "-s", "-o", ".venv/.installed", "serve", f"PY={sys.executable}",
+               f"DEMO={demo}", f"PORT={port}"]
+    with open(log_path, "w") as log:
+        # unbuffered: vLLM logs to stdout, which a file would hold back while the test reads it
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(port):
+            tail = log_path.read_text()[-4000:]
+            assert process.poll() is None, f"make serve exited with {process.returncode}:\n{tail}"
+            assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT_S}s:\n{tail}"
+            time.sleep(2)
+        curl = next(line.strip() for line in log_path.read_text().splitlines() if line.strip().startswith("curl "))
+        answer = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True,
+                                           timeout=120).stdout)
+        # the same request, asking vLLM for the token ids too
+        words = shlex.split(curl)
+        request = json.loads(words[words.index("-d") + 1])
+        url = next(word for word in words if word.startswith("http://127.0.0.1:"))
+        body = json.dumps({**request, "return_token_ids": True}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}),
+                                    timeout=120) as response:
+            detailed = json.loads(response.read())
+        log = log_path.read_text()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    tokenizer = AutoTokenizer.from_pretrained(demo / "tiny-llama")
+    prompt_ids = tokenizer(request["prompt"]).input_ids
+    choice = detailed["choices"][0]
+    assert choice["prompt_token_ids"] == prompt_ids
+    want = _greedy(demo, prompt_ids, request["max_tokens"])
+    assert want != _greedy(demo, prompt_ids, request["max_tokens"], adapter=False)  # the adapter changes the answer
+    assert choice["token_ids"] == want
+    assert answer["choices"][0]["text"] == choice["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert f"Starting vLLM server on http://127.0.0.1:{port}" in log  # bound to the loopback interface only
+    assert not re.search(r"DeprecationWarning|Traceback", log)
+    # vLLM's notice about adapters' own tokenizers comes with any adapter: this one has no tokenizer files
+    assert "different tokenizers for different LoRAs" in log
+    assert not any(path.name.startswith("tokenizer") for path in (demo / "s2ft-adapter").iterdir())

@@ -2,12 +2,12 @@
 Llama with its S2FT adapter answers the curl the target prints, with the greedy tokens of the HF model with the adapter
 merged by PEFT."""
 
+import ipaddress
 import json
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +18,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from vllm_support import free_port, server_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 400  # make runs the demo first (training ~15 s), then vLLM starts (~1 min on 2 cores)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(port) -> bool:
@@ -34,6 +30,22 @@ def _healthy(port) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def _listening_addresses(port) -> set[str]:
+    """The IPv4 and IPv6 addresses with a socket listening on `port`, from the kernel's tables (not the server's log,
+    whose wording and colours depend on the environment)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                addresses.add(str(ipaddress.ip_address(words)))
+    return addresses
 
 
 @torch.no_grad()
@@ -49,14 +61,13 @@ def _greedy(demo, prompt_ids, max_tokens, adapter=True):
 
 
 def test_make_serve_answers_the_curl_it_prints(tmp_path):
-    demo, port, log_path = tmp_path / "demo", _free_port(), tmp_path / "serve.log"
+    demo, port, log_path = tmp_path / "demo", free_port(), tmp_path / "serve.log"
     # the target itself; -o: never (re)install the venv from a test, PY: the interpreter running the tests
     command = ["make", "-C", str(ROOT), "-s", "-o", ".venv/.installed", "serve", f"PY={sys.executable}",
                f"DEMO={demo}", f"PORT={port}"]
     with open(log_path, "w") as log:
-        # unbuffered: vLLM logs to stdout, which a file would hold back while the test reads it
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                   env=server_environment())
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(port):
@@ -76,6 +87,7 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
                                     timeout=120) as response:
             detailed = json.loads(response.read())
         log = log_path.read_text()
+        listening = _listening_addresses(port)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -92,7 +104,7 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
     assert want != _greedy(demo, prompt_ids, request["max_tokens"], adapter=False)  # the adapter changes the answer
     assert choice["token_ids"] == want
     assert answer["choices"][0]["text"] == choice["text"] == tokenizer.decode(want, skip_special_tokens=True)
-    assert f"Starting vLLM server on http://127.0.0.1:{port}" in log  # bound to the loopback interface only
+    assert listening == {"127.0.0.1"}  # bound to the loopback interface only
     assert not re.search(r"DeprecationWarning|Traceback", log)
     # vLLM's notice about adapters' own tokenizers comes with any adapter: this one has no tokenizer files
     assert "different tokenizers for different LoRAs" in log

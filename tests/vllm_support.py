@@ -148,6 +148,14 @@ def request(url, body=None, timeout=120):
         return status, text
 
 
+def server_environment(**extra) -> dict:
+    """The environment a server starts with from a user's shell: this process's, unbuffered (vLLM logs to stdout, which
+    a file would hold back while a test reads it), without the ``VLLM_LOGGING_LEVEL=ERROR`` that importing TRL sets
+    (``trl/_compat.py``; the test modules import it), which would hide the warnings tests read in the server's log."""
+    environment = {name: value for name, value in os.environ.items() if name != "VLLM_LOGGING_LEVEL"}
+    return {**environment, "PYTHONUNBUFFERED": "1", **extra}
+
+
 @contextlib.contextmanager
 def openai_server(arguments, log_path, env=None):
     """vLLM's OpenAI server with ``arguments`` (after ``--model ...``) on a free port of 127.0.0.1, its output in
@@ -156,8 +164,7 @@ def openai_server(arguments, log_path, env=None):
     command = [*SERVER, *arguments, "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        # unbuffered: vLLM logs to stdout, which a file would hold back while a test reads it
-        process = subprocess.Popen(command, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), stdout=log,
+        process = subprocess.Popen(command, env=server_environment(**(env or {})), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -24,7 +24,7 @@ def _gather(x2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]) ->
 
 
 def _scatter(grad2d: torch.Tensor, positions: torch.Tensor, start: Optional[int], values: torch.Tensor) -> None:
-    values = values.to(grad2d.dtype)  # autocast may compute the update in a lower precision than the output
+    values = _as(values, grad2d)  # autocast may compute the update in a lower precision than the output
     if start is not None:
         grad2d[:, start : start + positions.numel()] += values
     else:
@@ -46,22 +46,28 @@ def _base_input_grad(ctx, grad2d, weight) -> Optional[torch.Tensor]:
     return grad2d @ weight.to(grad2d.dtype) if ctx.fused else None
 
 
+def _as(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in ``like``'s dtype; the comparison is cheaper than a no-op ``.to`` on the decode path."""
+    return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
+
+
 def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
     """``base(x) + x[..., S] @ D.T`` without autograd (inference): the base output computed here is updated in
     place; nothing is saved."""
+    x2d = x.reshape(-1, x.shape[-1])
     if base_out is None:
-        out = F.linear(x, weight, bias)
-        return _rows(out).addmm_(_gather(x.reshape(-1, x.shape[-1]), positions, start).to(out.dtype),
-                                 delta.to(out.dtype).t()).view(out.shape)
-    selected = _gather(x.reshape(-1, x.shape[-1]), positions, start).to(base_out.dtype)
-    return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), selected, delta.to(base_out.dtype).t()).view(
+        out = F.linear(x2d, weight, bias)
+        out.addmm_(_as(_gather(x2d, positions, start), out), _as(delta, out).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
+    base2d = base_out.reshape(-1, base_out.shape[-1])
+    return torch.addmm(base2d, _as(_gather(x2d, positions, start), base2d), _as(delta, base2d).t()).view(
         base_out.shape)
 
 
 def output_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
     """``base(x)`` plus ``x @ D.T`` on the output rows ``S``, without autograd (inference)."""
     out = F.linear(x, weight, bias) if base_out is None else base_out.clone(memory_format=torch.contiguous_format)
-    _scatter(_rows(out), positions, start, x.reshape(-1, x.shape[-1]).to(out.dtype) @ delta.to(out.dtype).t())
+    _scatter(_rows(out), positions, start, _as(x.reshape(-1, x.shape[-1]), out) @ _as(delta, out).t())
     return out
 
 

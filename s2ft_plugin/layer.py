@@ -206,9 +206,9 @@ class Linear(nn.Module, S2FTLayer):
         active = [name for name in self.active_adapters if name in self.s2ft_delta]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        if self._can_fuse(base, args, kwargs):  # the first delta also applies the frozen weight
-            weight, bias, result = base.weight, base.bias, None
+        fused = None if args or kwargs else self._fusable_weights()
+        if fused is not None:  # the first delta also applies the frozen weight
+            (weight, bias), result = fused, None
         else:
             weight, bias, result = None, None, self.base_layer(x, *args, **kwargs)
         for name in active:
@@ -251,15 +251,16 @@ class Linear(nn.Module, S2FTLayer):
             result = result.index_copy(0, rows, updated)
         return result
 
-    def _can_fuse(self, base: nn.Module, args, kwargs) -> bool:
-        """A plain frozen nn.Linear with no hooks computes exactly F.linear, so it can run inside the delta."""
-        return (
-            type(base) is nn.Linear
-            and not (args or kwargs)
-            and not base.weight.requires_grad
-            and not (base.bias is not None and base.bias.requires_grad)
-            and not (base._forward_hooks or base._forward_pre_hooks or self.base_layer is not base)
-        )
+    def _fusable_weights(self) -> Optional[tuple]:
+        """``(weight, bias)`` when the base is a plain frozen nn.Linear with no hooks, which computes exactly F.linear
+        and so can run inside the delta; None otherwise (a nested tuner layer is not an nn.Linear)."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        return weight, bias
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()

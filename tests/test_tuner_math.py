@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from s2ft_plugin.functional import InputSideDelta, OutputSideDelta
+from s2ft_plugin.functional import InputSideDelta, OutputSideDelta, input_side, output_side
 
 
 def dense_reference(x, weight, delta, positions, side):
@@ -43,6 +43,29 @@ def test_forward_and_gradients_match_dense_reference(side, positions, start, fus
     ref_grads = torch.autograd.grad(ref, (x, delta), upstream)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True], ids=["base-outside", "base-fused"])
+@pytest.mark.parametrize("side,positions,start", CASES)
+def test_inference_path_matches_dense_reference(side, positions, start, fused, dtype):
+    """The no-grad functions (generation) against the dense reference; a bf16 base with a float32 delta, as under a
+    half-precision model, is computed in the base's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64).to(dtype)
+    weight, bias = torch.randn(20, 16, dtype=torch.float64).to(dtype), torch.randn(20, dtype=torch.float64).to(dtype)
+    shape = (20, positions.numel()) if side == "input" else (positions.numel(), 16)
+    delta = torch.randn(shape)  # float32, as trained
+    function = input_side if side == "input" else output_side
+    base_out = x @ weight.t() + bias
+    out = function(x, delta, positions, start, weight, bias) if fused else function(
+        x, delta, positions, start, base_out=base_out)
+    ref = dense_reference(x.double(), weight.double(), delta.to(dtype).double(), positions, side) + bias.double()
+    assert out.dtype == dtype and out.shape == ref.shape
+    tolerance = dict(rtol=0, atol=0.25) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.double(), ref, **tolerance)
+    if not fused:
+        assert torch.equal(base_out, x @ weight.t() + bias)  # the base layer's output is left as it was
 
 
 def test_gradcheck_both_sides():

@@ -4,10 +4,8 @@ merged by PEFT."""
 
 import ipaddress
 import json
-import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_support import free_port, server_environment
+from vllm_support import free_port, server_environment, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 400  # make runs the demo first (training ~15 s), then vLLM starts (~1 min on 2 cores)
@@ -89,12 +87,7 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
         log = log_path.read_text()
         listening = _listening_addresses(port)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
     tokenizer = AutoTokenizer.from_pretrained(demo / "tiny-llama")
     prompt_ids = tokenizer(request["prompt"]).input_ids

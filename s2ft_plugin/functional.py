@@ -115,12 +115,8 @@ class OutputSideDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, positions, start, weight=None, bias=None, base_out=None):
-        base_out = _base_forward(ctx, x, weight, bias, base_out)
-        x2d = x.reshape(-1, x.shape[-1])
-        update = x2d.to(base_out.dtype) @ delta.to(base_out.dtype).t()
-        # a base output computed here is ours to update in place
-        out = base_out if ctx.fused else base_out.clone(memory_format=torch.contiguous_format)
-        _scatter(_rows(out), positions, start, update)
+        ctx.fused = base_out is None
+        out = output_side(x, delta, positions, start, weight, bias, base_out)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
         return out

@@ -14,6 +14,13 @@ from collections.abc import Mapping
 from typing import Optional
 
 SELECTION_STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
+# name in target_modules -> the parts of fused MoE experts it adapts (matched like module names: experts.down_proj)
+EXPERT_TARGETS = {
+    "down_proj": ("down_proj",),
+    "gate_proj": ("gate_proj",),
+    "up_proj": ("up_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 SELECTION_ORDERS = ("large", "small")
 # S2FTConfig's own fields and their defaults: what a config file that omits a field means
 DEFAULTS = {

@@ -14,6 +14,10 @@ from typing import Optional
 
 import torch
 
+# part of fused MoE experts -> the tensor holding its delta, beside the experts' ``s2ft_indices`` (E, k): down_proj's
+# (E, H, k) on the channels' columns, gate/up's (E, k, H) on their rows
+EXPERT_DELTAS = {"down_proj": "s2ft_down_delta", "gate_proj": "s2ft_gate_delta", "up_proj": "s2ft_up_delta"}
+
 
 def check_present(where: str, indices: Optional[torch.Tensor], delta: Optional[torch.Tensor]) -> None:
     if indices is None or delta is None:

@@ -34,20 +34,13 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_adapters_to_merge, check_target_module_exists
 
-from s2ft_format.tensors import check_delta, check_expert_channels, missing_error
+from s2ft_format.config import EXPERT_TARGETS
+from s2ft_format.tensors import EXPERT_DELTAS, check_delta, check_expert_channels, missing_error
 
 from .layer import S2FTLayer, _stamp
 from .selection import seeded_scores
 
-# name in target_modules -> the parts of the fused experts it adapts
-EXPERT_TARGETS = {
-    "down_proj": ("down_proj",),
-    "gate_proj": ("gate_proj",),
-    "up_proj": ("up_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-DELTAS = {"down_proj": "s2ft_down_delta", "gate_proj": "s2ft_gate_delta", "up_proj": "s2ft_up_delta"}
-PARTS = tuple(DELTAS)
+PARTS = tuple(EXPERT_DELTAS)
 
 
 @dataclass(frozen=True)
@@ -411,7 +404,7 @@ class Experts(nn.Module, S2FTLayer):
     never co-permuted.
     """
 
-    adapter_layer_names = tuple(DELTAS.values())
+    adapter_layer_names = tuple(EXPERT_DELTAS.values())
     other_param_names = ("s2ft_indices",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, layout: ExpertsLayout, parts: tuple,
@@ -440,14 +433,14 @@ class Experts(nn.Module, S2FTLayer):
         for part in parts:
             shape = (experts, hidden, count) if part == "down_proj" else (experts, count, hidden)
             delta = torch.zeros(shape) if init_weights else torch.randn(shape) / math.sqrt(shape[2])
-            getattr(self, DELTAS[part])[adapter_name] = nn.Parameter(delta)
+            getattr(self, EXPERT_DELTAS[part])[adapter_name] = nn.Parameter(delta)
         self.s2ft_indices[adapter_name] = channels.long()
         self._indices_seen[adapter_name] = _stamp(self.s2ft_indices[adapter_name])
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def parts(self, adapter_name: str) -> tuple[str, ...]:
-        return tuple(part for part in PARTS if adapter_name in getattr(self, DELTAS[part]))
+        return tuple(part for part in PARTS if adapter_name in getattr(self, EXPERT_DELTAS[part]))
 
     def _get_base_layer_device_and_dtype(self, base_layer):
         return base_layer.down_proj.device, base_layer.down_proj.dtype
@@ -461,7 +454,7 @@ class Experts(nn.Module, S2FTLayer):
     def check_saved(self, adapter_name: str, state_dict: dict, path: str, where: str) -> set[str]:
         """Check this layer's tensors of a loaded adapter before anything is loaded; return their keys."""
         indices_key = f"{path}.s2ft_indices.{adapter_name}"
-        keys = {part: f"{path}.{DELTAS[part]}.{adapter_name}" for part in self.parts(adapter_name)}
+        keys = {part: f"{path}.{EXPERT_DELTAS[part]}.{adapter_name}" for part in self.parts(adapter_name)}
         for what, key in [("indices", indices_key), *((f"{part} delta", key) for part, key in keys.items())]:
             if key not in state_dict:
                 raise missing_error(where, what)  # the checks vLLM makes (s2ft_format), in this order
@@ -470,7 +463,7 @@ class Experts(nn.Module, S2FTLayer):
         except ValueError as error:
             raise ValueError(f"{error} ({where})") from None
         for part, key in keys.items():
-            check_delta(where, state_dict[key], getattr(self, DELTAS[part])[adapter_name].shape, f"{part} delta")
+            check_delta(where, state_dict[key], getattr(self, EXPERT_DELTAS[part])[adapter_name].shape, f"{part} delta")
         return {indices_key, *keys.values()}
 
     def _sync_indices(self) -> None:
@@ -483,7 +476,7 @@ class Experts(nn.Module, S2FTLayer):
     def _count(self, adapter_name: str) -> int:
         """k: the channels per expert the adapter's deltas cover."""
         part = self.parts(adapter_name)[0]
-        delta = getattr(self, DELTAS[part])[adapter_name]
+        delta = getattr(self, EXPERT_DELTAS[part])[adapter_name]
         return delta.shape[2] if part == "down_proj" else delta.shape[1]
 
     # ------------------------------------------------------------------ merging
@@ -491,7 +484,7 @@ class Experts(nn.Module, S2FTLayer):
         """(base parameter, dim, scatter index, delta) placing the delta of ``part`` into the base weight."""
         experts = self.get_base_layer()
         channels = self.s2ft_indices[adapter_name]
-        delta = getattr(self, DELTAS[part])[adapter_name].detach()
+        delta = getattr(self, EXPERT_DELTAS[part])[adapter_name].detach()
         if part == "down_proj":
             weight, lines = experts.down_proj, channels
             columns = not self.layout.transposed  # (E, H, I): channels are columns; (E, I, H): rows
@@ -563,7 +556,7 @@ class Experts(nn.Module, S2FTLayer):
         x2d = x.reshape(-1, self.layout.hidden)
         for name in active:
             frozen = _Channels(self.get_base_layer(), self.layout, self.s2ft_indices[name], self._gate())
-            down, gate, up = (getattr(self, DELTAS[part]).get(name) for part in PARTS)
+            down, gate, up = (getattr(self, EXPERT_DELTAS[part]).get(name) for part in PARTS)
             correction = ExpertChannelDelta.apply(
                 x2d, routing.weights, down, gate, up, frozen, routing.rows, routing.counts
             )

@@ -20,7 +20,6 @@ from s2ft_plugin.structure import ROLES
 from vllm_ext.adapter import PACKED, SIDES, MalformedS2FTAdapter, read_s2ft_adapter
 from vllm_ext.convert import VLLM_LORA_RANKS, convert_s2ft_to_lora, lora_rank
 from vllm_ext.convert import main as convert_main
-from vllm_ext.experts import EXPERT_DELTAS
 from vllm_ext.validation import DEFAULT_TARGETS, check_fits_model
 
 
@@ -39,13 +38,11 @@ def test_tables_match_their_sources():
     from vllm.model_executor.models.llama import LlamaForCausalLM
 
     from s2ft_plugin.architectures import default_target_modules
-    from s2ft_plugin.moe import DELTAS
 
     assert VLLM_LORA_RANKS == typing.get_args(MaxLoRARanks)
     assert sorted(DEFAULT_TARGETS) == sorted(default_target_modules(AutoConfig.for_model("llama")))
     assert SIDES == {name: ROLES[role][1] for name, role in LLAMA_NAMES.items() if ROLES[role][2] != "fused"}
     assert {packed: list(names) for packed, names in PACKED.items()} == LlamaForCausalLM.packed_modules_mapping
-    assert EXPERT_DELTAS == DELTAS
 
 
 @pytest.mark.parametrize("name", CONVERTED)

@@ -14,16 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from s2ft_format.config import targets, unit_count
-from s2ft_format.tensors import check_delta, check_expert_channels, missing_error, stray_error
+from s2ft_format.config import EXPERT_TARGETS, targets, unit_count
+from s2ft_format.tensors import EXPERT_DELTAS, check_delta, check_expert_channels, missing_error, stray_error
 
-# part -> its tensor (s2ft_plugin.moe.DELTAS)
-EXPERT_DELTAS = {"down_proj": "s2ft_down_delta", "gate_proj": "s2ft_gate_delta", "up_proj": "s2ft_up_delta"}
 # the MoE models (transformers model_type) vLLM serves S2FT expert deltas on: those tested (tests/test_vllm_moe.py)
 SERVED_MOE = ("mixtral", "qwen3_moe")
-# name in target_modules -> the parts it adapts (s2ft_plugin.moe.EXPERT_TARGETS)
-EXPERT_TARGETS = {"down_proj": ("down_proj",), "gate_proj": ("gate_proj",), "up_proj": ("up_proj",),
-                  "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True)

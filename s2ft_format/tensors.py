@@ -39,9 +39,7 @@ def check_indices(where: str, indices: torch.Tensor, axis_size: int, unit_size: 
             f"{where}: {indices.numel()} indices but the config gives this layer {expected_count}; the adapter was "
             "trained with another head/channel count or on another model."
         )
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= axis_size):
-        raise ValueError(f"{where}: indices must lie in [0, {axis_size}), got [{int(indices.min())}, "
-                         f"{int(indices.max())}].")
+    _check_range(where, indices, axis_size)
     if torch.unique(indices).numel() != indices.numel():
         raise ValueError(f"{where}: indices contain duplicates.")
     if unit_size > 1:
@@ -68,11 +66,15 @@ def check_expert_channels(where: str, indices: torch.Tensor, experts: int, chann
             f"{where}: {indices.shape[1]} channels per expert but the config gives {expected_count}; the adapter was "
             "trained with another channel count or on another model."
         )
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= channels):
-        raise ValueError(f"{where}: indices must lie in [0, {channels}), got [{int(indices.min())}, "
-                         f"{int(indices.max())}].")
+    _check_range(where, indices, channels)
     if indices.numel() and bool((torch.sort(indices, dim=1).values.diff(dim=1) == 0).any()):
         raise ValueError(f"{where}: indices repeat a channel within an expert.")
+
+
+def _check_range(where: str, indices: torch.Tensor, size: int) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        raise ValueError(f"{where}: indices must lie in [0, {size}), got [{int(indices.min())}, "
+                         f"{int(indices.max())}].")
 
 
 def check_delta(where: str, delta: torch.Tensor, shape: tuple, what: str = "delta") -> None:

@@ -50,11 +50,12 @@ def load_s2ft_lora_model(worker_manager, path: str, lora_id: int) -> LoRAModel:
     key = (path, setting, before)
     config, placements = checked.get(key, (None, None))
     adapter = read_s2ft_adapter(path, config)
-    if not before or folder_state(path) != before:  # the files changed while being read: check what was read
+    unchanged = bool(before) and folder_state(path) == before
+    if not unchanged:  # the files changed while being read: check what was read, and remember nothing
         placements = None
     if placements is None:
         placements = servable_projections(worker_manager, adapter, setting)
-        if before and folder_state(path) == before:
+        if unchanged:
             checked[key] = adapter.config, placements
 
     loras = {}

@@ -193,11 +193,14 @@ class S2FTLayerMixin:
         raise NotImplementedError
 
     def reset_lora(self, index: int) -> None:
+        self._reset_lora_buffers(index)
+        for s2ft_slice in filter(None, self.s2ft_slices):
+            s2ft_slice.reset(index)
+
+    def _reset_lora_buffers(self, index: int) -> None:
         if index in self.lora_slots_used:  # vLLM's LoRA buffers start at zero and only its set_lora writes them
             super().reset_lora(index)
             self.lora_slots_used.discard(index)
-        for s2ft_slice in filter(None, self.s2ft_slices):
-            s2ft_slice.reset(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         pairs = list(zip(lora_a, lora_b)) if isinstance(lora_a, list) else [(lora_a, lora_b)]
@@ -206,9 +209,7 @@ class S2FTLayerMixin:
             super().set_lora(index, lora_a, lora_b)
             self.lora_slots_used.add(index)
             return
-        if index in self.lora_slots_used:
-            super().reset_lora(index)
-            self.lora_slots_used.discard(index)
+        self._reset_lora_buffers(index)
         for slice_index, s2ft_slice in enumerate(self.s2ft_slices):
             a, b = pairs[slice_index] if slice_index < len(pairs) else (None, None)
             if s2ft_slice is None:

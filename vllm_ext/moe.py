@@ -33,7 +33,8 @@ from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.lora_experts_mixin import LoRAExpertsMixin
 
-from .experts import EXPERT_DELTAS, S2FTExperts
+from .adapter import WEIGHTS_NAME, is_s2ft_folder
+from .experts import EXPERT_DELTAS, S2FTExperts, moe_dims
 
 K_ALIGNMENT = 8  # channels per slot are padded to a multiple of this: torch._grouped_mm reads 16-byte rows
 # the experts' gated activation g([gate | up]) = act(gate) * up, as vLLM's CPU kernel computes it
@@ -314,8 +315,6 @@ def _refuse_lora_on_experts() -> None:
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import WorkerLoRAManager
 
-    from .adapter import is_s2ft_folder
-
     load = WorkerLoRAManager._load_adapter
 
     @functools.wraps(load)
@@ -341,9 +340,6 @@ def experts_refusal(input_processor, path: str) -> str | None:
     otherwise. The front end asks before a worker sees the folder."""
     from vllm.platforms import current_platform
 
-    from .adapter import is_s2ft_folder
-    from .experts import moe_dims
-
     if not current_platform.is_cpu() or moe_dims(input_processor.model_config.hf_config.get_text_config()) is None:
         return None
     adapted = _expert_tensor(path)
@@ -366,7 +362,7 @@ def lora_on_experts_message(path: str, tensor: str) -> str:
 def _expert_tensor(path: str) -> str | None:
     """The first tensor of an adapter folder's safetensors that lies inside fused experts (``.experts.`` in its
     name); the file's header is read again only when the file changes."""
-    weights = os.path.join(path, "adapter_model.safetensors")
+    weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         return None  # vLLM's loader reports the folder's problems; the worker's check still applies
     return _first_expert_key(weights, os.stat(weights).st_mtime_ns)

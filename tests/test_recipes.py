@@ -23,13 +23,7 @@ EXPERIMENTS = os.path.join(ROOT, "recipes", "method_comparison", "experiments")
 S2FT_EXPERIMENT = os.path.join(EXPERIMENTS, "s2ft", "llama-3.2-3B-down_proj-ch107-lr_0.001")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and on a busy machine a waiting thread slows each op ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_jsonl(path, rows):

@@ -18,9 +18,8 @@ import time
 from datetime import date
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from common import LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, s2ft_trainable
+from common import adapt, add_model_arguments, benchmark_model, s2ft_trainable
 from s2ft_plugin import S2FTConfig
 
 METHODS = ("base", "s2ft", "lora")
@@ -37,14 +36,9 @@ def parse_args():
 
 
 def build(method: str, args):
-    model = benchmark_model(args, args.prompt + args.new_tokens).eval()
-    s2ft_config = S2FTConfig(task_type="CAUSAL_LM", init_weights=False)  # trained-looking deltas: same cost as zeros
-    if method == "s2ft":
-        model = get_peft_model(model, s2ft_config)
-    elif method == "lora":
-        rank = equal_parameter_rank(model, s2ft_config, LORA_TARGETS["lora"])
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS["lora"], init_lora_weights=False))
+    model = benchmark_model(args, args.prompt + args.new_tokens)
+    if method != "base":  # zero-initialised deltas cost what trained ones do: nothing skips them
+        model = adapt(model, method, S2FTConfig(task_type="CAUSAL_LM"), seed=0)
     return model.eval()
 
 

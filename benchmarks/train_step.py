@@ -18,10 +18,8 @@ import platform
 from datetime import date
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from common import (LORA_TARGETS, add_model_arguments, benchmark_model, equal_parameter_rank, median_step_times,
-                    peak_bytes, trainable)
+from common import adapt, add_model_arguments, benchmark_model, median_step_times, peak_bytes, trainable
 from s2ft_plugin import S2FTConfig
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
@@ -44,21 +42,14 @@ def parse_args():
 def build(method: str, args):
     model = benchmark_model(args, args.seq, getattr(torch, args.dtype)).to(args.device)
     model.config.use_cache = False
-    if method == "full":
-        model.requires_grad_(True)
-    elif method == "floor":
+    if method == "floor":
         model.requires_grad_(False)
         model.enable_input_require_grads()
     else:
         s2ft_config = S2FTConfig(task_type="CAUSAL_LM", head_ratio=args.head_ratio, channel_ratio=args.channel_ratio)
-        if method == "s2ft":
-            model = get_peft_model(model, s2ft_config)
-        else:
-            targets = LORA_TARGETS[method]
-            rank = equal_parameter_rank(model, s2ft_config, targets)
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                     target_modules=targets))
-        model.base_model.model.enable_input_require_grads()  # same autograd graph shape as the floor
+        model = adapt(model, method, s2ft_config, seed=0)
+        if method != "full":
+            model.base_model.model.enable_input_require_grads()  # same autograd graph shape as the floor
     model.train()
     return model
 

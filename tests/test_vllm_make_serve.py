@@ -9,14 +9,13 @@ import shlex
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_support import free_port, server_environment, stop_group
+from vllm_support import free_port, request, server_environment, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 400  # make runs the demo first (training ~15 s), then vLLM starts (~1 min on 2 cores)
@@ -24,8 +23,7 @@ STARTUP_TIMEOUT_S = 400  # make runs the demo first (training ~15 s), then vLLM 
 
 def _healthy(port) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            return response.status == 200
+        return request(f"http://127.0.0.1:{port}/health", timeout=5)[0] == 200
     except OSError:
         return False
 
@@ -78,23 +76,21 @@ def test_make_serve_answers_the_curl_it_prints(tmp_path):
                                            timeout=120).stdout)
         # the same request, asking vLLM for the token ids too
         words = shlex.split(curl)
-        request = json.loads(words[words.index("-d") + 1])
+        printed = json.loads(words[words.index("-d") + 1])
         url = next(word for word in words if word.startswith("http://127.0.0.1:"))
-        body = json.dumps({**request, "return_token_ids": True}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}),
-                                    timeout=120) as response:
-            detailed = json.loads(response.read())
+        status, detailed = request(url, {**printed, "return_token_ids": True})
+        assert status == 200, detailed
         log = log_path.read_text()
         listening = _listening_addresses(port)
     finally:
         stop_group(process)
 
     tokenizer = AutoTokenizer.from_pretrained(demo / "tiny-llama")
-    prompt_ids = tokenizer(request["prompt"]).input_ids
+    prompt_ids = tokenizer(printed["prompt"]).input_ids
     choice = detailed["choices"][0]
     assert choice["prompt_token_ids"] == prompt_ids
-    want = _greedy(demo, prompt_ids, request["max_tokens"])
-    assert want != _greedy(demo, prompt_ids, request["max_tokens"], adapter=False)  # the adapter changes the answer
+    want = _greedy(demo, prompt_ids, printed["max_tokens"])
+    assert want != _greedy(demo, prompt_ids, printed["max_tokens"], adapter=False)  # the adapter changes the answer
     assert choice["token_ids"] == want
     assert answer["choices"][0]["text"] == choice["text"] == tokenizer.decode(want, skip_special_tokens=True)
     assert listening == {"127.0.0.1"}  # bound to the loopback interface only

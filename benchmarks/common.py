@@ -95,6 +95,12 @@ def adapt(base, method: str, s2ft_config, seed: int, s2ft_fields: dict | None = 
 FFN_PROJECTIONS = {"gate_proj", "up_proj", "down_proj"}  # each trains hidden_size weights per channel
 
 
+def adamw(parameters):
+    """The optimizer TRL's and transformers' trainers build by default on torch >= 2.8 (``optim="adamw_torch_fused"``),
+    so step times are what a user's training loop pays."""
+    return torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+
+
 def step(model, optimizer, batch):
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()

@@ -22,7 +22,7 @@ from datetime import date
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import median_step_times, peak_bytes, saved_activation_bytes, trainable
+from common import adamw, median_step_times, peak_bytes, saved_activation_bytes, trainable
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
@@ -92,7 +92,7 @@ def main():
     batch = torch.randint(3, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = batch.to(args.device)
     models = {method: build(method, args, channels) for method in METHODS}
-    optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None)
+    optimizers = {m: (adamw(trainable(model)) if m != "floor" else None)
                   for m, model in models.items()}
     median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
     memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}

@@ -33,7 +33,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from common import LORA_TARGETS, equal_parameter_rank, saved_activation_bytes, step
+from common import LORA_TARGETS, adamw, equal_parameter_rank, saved_activation_bytes, step
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
@@ -116,7 +116,7 @@ def measure(path: str, batch, args) -> list[dict]:
     for method in METHODS:
         model = build(method, path, args)
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[method] = (model, params, torch.optim.AdamW(params, lr=1e-4) if params else None)
+        runs[method] = (model, params, adamw(params) if params else None)
     results = {}
     # memory first: blocks of 64 KiB and more come from and go back to the OS at once, so the high-water mark sees
     # what is live (glibc's default dynamic threshold keeps freed activations resident, hiding them)

@@ -19,7 +19,7 @@ from datetime import date
 
 import torch
 
-from common import adapt, add_model_arguments, benchmark_model, median_step_times, peak_bytes, trainable
+from common import adamw, adapt, add_model_arguments, benchmark_model, median_step_times, peak_bytes, trainable
 from s2ft_plugin import S2FTConfig
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
@@ -60,7 +60,7 @@ def main():
     models = {method: build(method, args) for method in METHODS}
     config = models["floor"].config
     batch = torch.randint(3, config.vocab_size, (args.batch, args.seq), device=args.device)
-    optimizers = {m: (torch.optim.AdamW(trainable(model), lr=1e-4) if m != "floor" else None) for m, model in models.items()}
+    optimizers = {m: (adamw(trainable(model)) if m != "floor" else None) for m, model in models.items()}
     median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
     memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}
 

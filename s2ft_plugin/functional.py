@@ -19,26 +19,23 @@ import torch.nn.functional as F
 
 def _gather(x2d: torch.Tensor, positions: torch.Tensor, start: Optional[int]) -> torch.Tensor:
     if start is not None:
-        return x2d[:, start : start + positions.numel()]
+        return x2d.narrow(1, start, positions.numel())
     return x2d.index_select(1, positions)
 
 
-def _scatter(grad2d: torch.Tensor, positions: torch.Tensor, start: Optional[int], values: torch.Tensor) -> None:
-    values = _as(values, grad2d)  # autocast may compute the update in a lower precision than the output
+def _add_product(target2d: torch.Tensor, positions: torch.Tensor, start: Optional[int], left: torch.Tensor,
+                 right: torch.Tensor) -> None:
+    """``target2d[:, S] += left @ right``, in place, in the target's dtype; one kernel when ``S`` is contiguous."""
+    left, right = _as(left, target2d), _as(right, target2d)
     if start is not None:
-        grad2d[:, start : start + positions.numel()] += values
-    else:
-        grad2d.index_add_(1, positions, values)
+        target2d.narrow(1, start, positions.numel()).addmm_(left, right)
+    else:  # autocast may compute the product in a lower precision
+        target2d.index_add_(1, positions, _as(left @ right, target2d))
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """A 2-D (tokens, features) view of a contiguous activation."""
     return tensor.view(-1, tensor.shape[-1])
-
-
-def _base_forward(ctx, x, weight, bias, base_out):
-    ctx.fused = base_out is None
-    return F.linear(x, weight, bias) if ctx.fused else base_out
 
 
 def _base_input_grad(ctx, grad2d, weight) -> Optional[torch.Tensor]:
@@ -49,6 +46,13 @@ def _base_input_grad(ctx, grad2d, weight) -> Optional[torch.Tensor]:
 def _as(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``tensor`` in ``like``'s dtype; the comparison is cheaper than a no-op ``.to`` on the decode path."""
     return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
+
+
+def _own_linear(x, weight, bias) -> torch.Tensor:
+    """``F.linear`` as a tensor of its own: the delta is added into it in place, and an autograd Function's output must
+    not be a view (downstream in-place ops would be refused). F.linear returns one for a 3-D input with a bias."""
+    out = F.linear(x, weight, bias)
+    return out.clone() if out._is_view() else out
 
 
 def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
@@ -66,8 +70,8 @@ def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None
 
 def output_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
     """``base(x)`` plus ``x @ D.T`` on the output rows ``S``, without autograd (inference)."""
-    out = F.linear(x, weight, bias) if base_out is None else base_out.clone(memory_format=torch.contiguous_format)
-    _scatter(_rows(out), positions, start, _as(x.reshape(-1, x.shape[-1]), out) @ _as(delta, out).t())
+    out = _own_linear(x, weight, bias) if base_out is None else base_out.clone(memory_format=torch.contiguous_format)
+    _add_product(_rows(out), positions, start, x.reshape(-1, x.shape[-1]), delta.t())
     return out
 
 
@@ -79,13 +83,16 @@ class InputSideDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, positions, start, weight=None, bias=None, base_out=None):
-        base_out = _base_forward(ctx, x, weight, bias, base_out)
+        ctx.fused = base_out is None
         x2d = x.reshape(-1, x.shape[-1])
-        selected = _gather(x2d, positions, start).to(base_out.dtype)
-        # written into a tensor of the output's shape: a returned view could not be modified in place downstream
-        out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
-        base2d = base_out.reshape(-1, base_out.shape[-1])
-        torch.addmm(base2d, selected, delta.to(base_out.dtype).t(), out=_rows(out))
+        if ctx.fused:  # the delta is added into the frozen product in place
+            out = _own_linear(x, weight, bias)
+            selected = _as(_gather(x2d, positions, start), out)
+            _rows(out).addmm_(selected, _as(delta, out).t())
+        else:  # the base's output is left as it was, and the sum written into a tensor of the output's shape
+            out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
+            selected = _as(_gather(x2d, positions, start), out)
+            torch.addmm(base_out.reshape(-1, out.shape[-1]), selected, _as(delta, out).t(), out=_rows(out))
         selected = selected.contiguous() if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(selected, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
@@ -100,7 +107,7 @@ class InputSideDelta(torch.autograd.Function):
             grad_x = _base_input_grad(ctx, grad2d, weight)
             if grad_x is None:
                 grad_x = grad2d.new_zeros(grad2d.shape[0], ctx.x_shape[-1])
-            _scatter(grad_x, positions, ctx.start, grad2d @ delta.to(grad2d.dtype))
+            _add_product(grad_x, positions, ctx.start, grad2d, delta)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_delta = (grad2d.t() @ selected.to(grad2d.dtype)).to(delta.dtype)

@@ -112,3 +112,25 @@ def test_input_side_saves_only_selected_activations(fused):
     assert activation_like[0].untyped_storage().nbytes() == tokens * k * 4
     out.sum().backward()
     assert weight.grad is None and delta.grad is not None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["base-outside", "base-fused"])
+@pytest.mark.parametrize("side,positions,start", CASES)
+def test_output_can_be_modified_in_place_downstream(side, positions, start, fused):
+    """A model may update a projection's output in place (a residual ``+=``); autograd refuses that on a view a custom
+    Function returns (F.linear returns one for a 3-D input with a bias), so the gradients must come out as for the
+    dense reference updated the same way."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(20, 16, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    shape = (20, positions.numel()) if side == "input" else (positions.numel(), 16)
+    delta = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    function = InputSideDelta if side == "input" else OutputSideDelta
+    base_out = torch.nn.functional.linear(x, weight, bias)
+    out = function.apply(x, delta, positions, start, weight, bias) if fused else function.apply(
+        x, delta, positions, start, None, None, base_out)
+    out *= 2
+    ref = (dense_reference(x, weight, delta, positions, side) + bias) * 2
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out.sum(), (x, delta)), torch.autograd.grad(ref.sum(), (x, delta))):
+        torch.testing.assert_close(got, want)

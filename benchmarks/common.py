@@ -139,9 +139,9 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_step_times(models: dict, optimizers: dict, batch, device: str, warmup: int, steps: int) -> dict:
-    """Median step time per method, one step of each method per round, each round in a rotated order, so drift of
-    the machine hits every method alike."""
+def round_step_times(models: dict, optimizers: dict, batch, device: str, warmup: int, steps: int) -> dict:
+    """Step times per method, one step of each method per round, each round in a rotated order, so drift of the
+    machine hits every method alike."""
     methods = list(models)
     times = {method: [] for method in methods}
     for round_index in range(warmup + steps):
@@ -152,7 +152,13 @@ def median_step_times(models: dict, optimizers: dict, batch, device: str, warmup
             synchronize(device)
             if round_index >= warmup:
                 times[method].append(time.perf_counter() - start)
-    return {method: statistics.median(values) for method, values in times.items()}
+    return times
+
+
+def per_round_ratios(times: dict, reference: str) -> dict:
+    """Each method's time over ``reference``'s in the same round, sorted: the machine's drift between rounds cancels,
+    and the spread is the run's own noise band (one run's median ratio can sit several percent from another's here)."""
+    return {method: sorted(t / r for t, r in zip(values, times[reference])) for method, values in times.items()}
 
 
 def peak_bytes(model, optimizer, batch, device: str) -> int:

@@ -19,7 +19,7 @@ from datetime import date
 
 import torch
 
-from common import adapt, add_model_arguments, benchmark_model, s2ft_trainable
+from common import adapt, add_model_arguments, benchmark_model, per_round_ratios, s2ft_trainable
 from s2ft_plugin import S2FTConfig
 
 METHODS = ("base", "s2ft", "lora")
@@ -65,6 +65,7 @@ def main():
                 if round_index:
                     times[method].append(time.perf_counter() - start)
     median = {method: statistics.median(values) for method, values in times.items()}
+    vs_base = per_round_ratios(times, "base")
     base_parameters = per_token_parameters(models["base"])
     adapter_parameters = s2ft_trainable(models["base"], S2FTConfig())
     name = args.model or (f"synthetic llama hidden={args.hidden} intermediate={args.intermediate} heads={args.heads} "
@@ -73,12 +74,15 @@ def main():
     print(f"{name} | batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, median of {args.rounds}")
     print(f"limit for S2FT from the shapes: 1 + {adapter_parameters:,} / {base_parameters:,} = "
           f"{1 + adapter_parameters / base_parameters:.3f}x the base")
-    print("| method | trainable params | generate (s) | tokens/s | vs base | vs LoRA |")
-    print("|---|---|---|---|---|---|")
+    print("| method | trainable params | generate (s) | tokens/s | vs base | vs base per round: median (min-max) "
+          "| vs LoRA |")
+    print("|---|---|---|---|---|---|---|")
     for method in METHODS:
         count = sum(p.numel() for n, p in models[method].named_parameters() if "lora_" in n or "s2ft_" in n)
         tokens = args.batch * args.new_tokens / median[method]
+        ratios = vs_base[method]
         print(f"| {method} | {count:,} | {median[method]:.3f} | {tokens:.1f} | {median[method] / median['base']:.3f}x "
+              f"| {statistics.median(ratios):.3f}x ({ratios[0]:.3f}-{ratios[-1]:.3f}) "
               f"| {median[method] / median['lora']:.3f}x |")
 
 

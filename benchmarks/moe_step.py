@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from datetime import date
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import adamw, median_step_times, peak_bytes, saved_activation_bytes, trainable
+from common import adamw, round_step_times, peak_bytes, saved_activation_bytes, trainable
 from s2ft_plugin import S2FTConfig
 from s2ft_plugin.tiny import build_model
 
@@ -94,7 +95,8 @@ def main():
     models = {method: build(method, args, channels) for method in METHODS}
     optimizers = {m: (adamw(trainable(model)) if m != "floor" else None)
                   for m, model in models.items()}
-    median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
+    times = round_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
+    median = {method: statistics.median(values) for method, values in times.items()}
     memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}
     saved = {method: saved_activation_bytes(models[method], batch) for method in METHODS}
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from datetime import date
 
 import torch
 
-from common import adamw, adapt, add_model_arguments, benchmark_model, median_step_times, peak_bytes, trainable
+from common import (adamw, adapt, add_model_arguments, benchmark_model, peak_bytes, per_round_ratios,
+                    round_step_times, trainable)
 from s2ft_plugin import S2FTConfig
 
 METHODS = ("floor", "s2ft", "lora", "lora_all_linear", "full")
@@ -61,7 +63,9 @@ def main():
     config = models["floor"].config
     batch = torch.randint(3, config.vocab_size, (args.batch, args.seq), device=args.device)
     optimizers = {m: (adamw(trainable(model)) if m != "floor" else None) for m, model in models.items()}
-    median = median_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
+    times = round_step_times(models, optimizers, batch, args.device, args.warmup, args.steps)
+    median = {method: statistics.median(values) for method, values in times.items()}
+    vs_floor = per_round_ratios(times, "floor")
     memory = {method: peak_bytes(models[method], optimizers[method], batch, args.device) for method in METHODS}
 
     if args.device.startswith("cuda"):
@@ -72,12 +76,14 @@ def main():
     print(f"{args.model or 'synthetic llama'} hidden={config.hidden_size} intermediate={config.intermediate_size} "
           f"heads={config.num_attention_heads}/{config.num_key_value_heads} layers={config.num_hidden_layers} "
           f"vocab={config.vocab_size} tokens/step={args.batch}x{args.seq}")
-    print("| method | trainable params | step time (s) | vs floor | vs LoRA (o,down) | vs LoRA (all-linear) "
-          "| peak memory (MiB) | vs floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | trainable params | step time (s) | vs floor | vs floor per round: median (min-max) "
+          "| vs LoRA (o,down) | vs LoRA (all-linear) | peak memory (MiB) | vs floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         count = sum(p.numel() for p in trainable(models[method]))
+        ratios = vs_floor[method]
         print(f"| {method} | {count:,} | {median[method]:.3f} | {median[method] / median['floor']:.3f}x | "
+              f"{statistics.median(ratios):.3f}x ({ratios[0]:.3f}-{ratios[-1]:.3f}) | "
               f"{median[method] / median['lora']:.3f}x | {median[method] / median['lora_all_linear']:.3f}x | "
               f"{memory[method] / 2**20:.1f} | {memory[method] / memory['floor']:.3f}x |")
 

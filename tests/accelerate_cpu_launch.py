@@ -58,6 +58,8 @@ if __name__ == "__main__":
             runs.append([])
         else:
             runs[-1].append(arg)
+    # a script ends its process group when it finishes; here the runs share one, ended below after the last
+    PartialState.destroy_process_group = lambda *_, **__: None
     for args in runs:
         sys.argv = [script, *args]
         runpy.run_path(script, run_name="__main__")

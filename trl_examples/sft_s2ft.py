@@ -24,6 +24,7 @@ SFTConfig turns bf16 on by default, which TRL refuses on a machine without an ac
 import contextlib
 import os
 
+from accelerate import PartialState
 from accelerate.utils import DistributedType
 from datasets import Dataset, load_dataset
 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
@@ -128,3 +129,6 @@ def make_parser():
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    # torch's documented shutdown: a process group left to the interpreter's exit can abort it from gloo's threads
+    # ("terminate called without an active exception", pytorch/pytorch#190489) after the adapter was saved
+    PartialState().destroy_process_group()

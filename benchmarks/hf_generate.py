@@ -1,9 +1,11 @@
 """Unmerged generation with transformers: an S2FT adapter vs PEFT LoRA of equal parameters vs the base model, side by
-side in one process (greedy decoding with the KV cache; rounds in rotated order, medians).
+side in one process (greedy decoding with the KV cache; rounds in rotated order, medians). Then the other way to serve
+several adapters from one model, switching by merging: ``unmerge_adapter``, ``set_adapter``, ``merge_adapter``.
 
 The limit from the shapes: an unmerged adapter adds its delta's multiply-adds to every token, so a generated token
 costs at least ``1 + P_adapter / P_base`` of the base's (P: the parameters each token multiplies, the output
-embedding included); everything above that is overhead.
+embedding included); everything above that is overhead. A merge switch rewrites what the adapters cover: S2FT's
+selected columns (twice, out and in), LoRA's whole adapted weights (after the product B @ A).
 
     python benchmarks/hf_generate.py                        # a synthetic Llama
     python benchmarks/hf_generate.py --model models/SmolLM2-135M-Instruct   # make real-model
@@ -12,6 +14,7 @@ embedding included); everything above that is overhead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
@@ -32,6 +35,7 @@ def parse_args():
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--switches", type=int, default=20)
     return parser.parse_args()
 
 
@@ -45,6 +49,23 @@ def build(method: str, args):
 def per_token_parameters(model) -> int:
     """Parameters a token multiplies: every linear weight, the output embedding included (the input one is a lookup)."""
     return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+
+
+def merge_switch_seconds(model, switches: int) -> float:
+    """Median time to move the merged adapter from one of two to the other (the second one added here, as different
+    as a new adapter of the same kind: S2FT selects other units)."""
+    config = model.peft_config["default"]
+    model.add_adapter("second", dataclasses.replace(config, seed=1) if hasattr(config, "seed") else config)
+    model.merge_adapter()
+    times = []
+    for switch in range(switches + 1):  # the first one warms up
+        start = time.perf_counter()
+        model.unmerge_adapter()
+        model.set_adapter("second" if switch % 2 == 0 else "default")
+        model.merge_adapter()
+        if switch:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main():
@@ -84,6 +105,13 @@ def main():
         print(f"| {method} | {count:,} | {median[method]:.3f} | {tokens:.1f} | {median[method] / median['base']:.3f}x "
               f"| {statistics.median(ratios):.3f}x ({ratios[0]:.3f}-{ratios[-1]:.3f}) "
               f"| {median[method] / median['lora']:.3f}x |")
+    with torch.no_grad():
+        switch = {method: merge_switch_seconds(models[method], args.switches) for method in ("s2ft", "lora")}
+    print(f"switching adapters by merging (unmerge_adapter, set_adapter, merge_adapter), median of {args.switches}:")
+    print("| method | switch (ms) | vs LoRA |")
+    print("|---|---|---|")
+    for method, seconds in switch.items():
+        print(f"| {method} | {seconds * 1e3:.2f} | {seconds / switch['lora']:.3f}x |")
 
 
 if __name__ == "__main__":

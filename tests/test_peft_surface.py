@@ -105,6 +105,25 @@ def test_mixed_adapter_batches_on_a_model_that_flattens_its_tokens(tmp_path):
         model(ids, adapter_names=names[:2])
 
 
+def test_switching_adapters_by_merging_matches_each_adapter_merged_densely(tmp_path):
+    """unmerge_adapter, set_adapter, merge_adapter, back and forth between adapters on other units (the cheap switch
+    hf_generate measures): each time the model is the base with that adapter's deltas added, and the base comes back."""
+    model, folders = two_adapters(tmp_path)
+    ids = torch.randint(3, 384, (2, 5), generator=torch.Generator().manual_seed(0))
+    references = {name: logits(reference_model("mistral", [folder]), ids) for name, folder in folders.items()}
+    base = logits(build_model("mistral"), ids)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, ids), references["default"], atol=1e-4, rtol=1e-4)
+    for name in ("other", "default", "other"):
+        model.unmerge_adapter()
+        model.set_adapter(name)
+        model.merge_adapter()
+        torch.testing.assert_close(logits(model, ids), references[name], atol=1e-4, rtol=1e-4)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), base, atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):
     model, _ = two_adapters(tmp_path)
     ids = torch.randint(3, 384, (2, 5))

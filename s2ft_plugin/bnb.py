@@ -45,12 +45,12 @@ class _QuantizedLinear(Linear):
         """Requantize ``weight`` (float, out x in) into the base layer."""
         raise NotImplementedError
 
-    def _apply_deltas(self, names: list[str], sign: float, safe: bool) -> None:
+    def _apply_deltas(self, names: list[str], merged_deltas: list[tuple], sign: float, safe: bool) -> None:
         weight = self.dequantized_weight()
         dtype = weight.dtype
         merged = weight.float()
-        for name in names:
-            self._add_delta(merged, name, sign)
+        for merged_delta in merged_deltas:
+            self._add_delta(merged, merged_delta, sign)
         merged = merged.to(dtype)
         if safe and not torch.isfinite(merged).all():
             broken = names[0] if len(names) == 1 else names
@@ -70,21 +70,23 @@ class _QuantizedLinear(Linear):
             f"Merging S2FT adapter(s) {names} into a {self.quantization} base layer dequantizes, adds the deltas and "
             "requantizes the weight: outputs may differ from the unmerged adapter due to rounding errors."
         )
-        self._apply_deltas(names, 1.0, safe_merge)
+        merged_deltas = [self._merged_delta(name) for name in names]
+        self._apply_deltas(names, merged_deltas, 1.0, safe_merge)
+        self._merged.update(zip(names, merged_deltas))
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        names = [name for name in reversed(self.merged_adapters) if name in self.s2ft_delta]
+        names = [name for name in reversed(self.merged_adapters) if name in self._merged]
         self.merged_adapters.clear()
         if names:
             warnings.warn(
                 f"Unmerging S2FT adapter(s) {names} from a {self.quantization} base layer requantizes the weight: it "
                 "may differ from the weight before merging due to rounding errors."
             )
-            self._apply_deltas(names, -1.0, safe=False)
+            self._apply_deltas(names, [self._merged.pop(name) for name in names], -1.0, safe=False)
 
 
 class Linear4bit(_QuantizedLinear):

@@ -43,6 +43,7 @@ class S2FTLayer(BaseTunerLayer):
         self._indices_seen: dict[str, tuple] = {}  # adapter -> _stamp of the indices its positions were derived from
         self._disable_adapters = False
         self.merged_adapters = []
+        self._merged: dict[str, tuple] = {}  # adapter -> what merging it added (_merged_delta), for an exact unmerge
         self.out_features, self.in_features = linear_shape(self.get_base_layer())
         self.kwargs = kwargs
 
@@ -78,9 +79,7 @@ class S2FTLayer(BaseTunerLayer):
         """Where the adapter's rows/columns sit in the base weight now (after co-permutation)."""
         positions = positions.to(self.s2ft_indices[adapter_name].device)
         self.s2ft_positions[adapter_name] = positions
-        start = int(positions[0])
-        contiguous = torch.equal(positions, torch.arange(start, start + positions.numel(), device=positions.device))
-        self.s2ft_start[adapter_name] = start if contiguous else None
+        self.s2ft_start[adapter_name] = _contiguous_start(positions)
         self._indices_seen[adapter_name] = _stamp(self.s2ft_indices[adapter_name])
 
     def selected_count(self, adapter_name: str) -> int:
@@ -108,6 +107,13 @@ class S2FTLayer(BaseTunerLayer):
 
 def _stamp(tensor: torch.Tensor) -> tuple:
     return id(tensor), tensor._version
+
+
+def _contiguous_start(positions: torch.Tensor) -> Optional[int]:
+    """The first position when ``positions`` are consecutive (a co-permuted selection), else None."""
+    start = int(positions[0])
+    contiguous = torch.equal(positions, torch.arange(start, start + positions.numel(), device=positions.device))
+    return start if contiguous else None
 
 
 def add_compiled_sync_hook(model: nn.Module) -> None:
@@ -161,14 +167,24 @@ class Linear(nn.Module, S2FTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, indices, init_weights)
 
-    def _add_delta(self, weight: torch.Tensor, adapter_name: str, sign: float) -> None:
-        """Adds the delta into the rows/columns it covers (a switch by merging touches only those)."""
-        delta = self.s2ft_delta[adapter_name].detach().to(weight.dtype)
-        dim, start = (0 if self.side == "output" else 1), self.s2ft_start[adapter_name]
+    def _merged_delta(self, adapter_name: str) -> tuple:
+        """(delta, indices), copied: what merging the adapter adds, kept until it is unmerged, so that unmerging
+        subtracts exactly that even if the adapter's weights or indices are written meanwhile (a loader, whose load
+        may also lay the model out anew: the indices are in the original coordinates)."""
+        return self.s2ft_delta[adapter_name].detach().clone(), self.s2ft_indices[adapter_name].clone()
+
+    def _add_delta(self, weight: torch.Tensor, merged_delta: tuple, sign: float) -> None:
+        """Adds a _merged_delta into the rows/columns it covers in the current layout (a switch by merging touches
+        only those)."""
+        delta, indices = merged_delta
+        layout, block, projection = self._s2ft_place
+        positions = layout.positions(block, projection, indices).to(weight.device)
+        delta, dim = delta.to(weight.device, weight.dtype), (0 if self.side == "output" else 1)
+        start = _contiguous_start(positions)
         if start is not None:  # co-permuted: one contiguous block, several times faster than index_add_
             weight.narrow(dim, start, delta.shape[dim]).add_(delta, alpha=sign)
         else:
-            weight.index_add_(dim, self.s2ft_positions[adapter_name].to(weight.device), delta, alpha=sign)
+            weight.index_add_(dim, positions, delta, alpha=sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self.sync_positions()
@@ -177,14 +193,16 @@ class Linear(nn.Module, S2FTLayer):
         for name in adapter_names:
             if name not in self.s2ft_delta:
                 continue
+            merged_delta = self._merged_delta(name)
             if safe_merge:
                 merged = weight.data.clone()
-                self._add_delta(merged, name, 1.0)
+                self._add_delta(merged, merged_delta, 1.0)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.data.copy_(merged)
             else:
-                self._add_delta(weight.data, name, 1.0)
+                self._add_delta(weight.data, merged_delta, 1.0)
+            self._merged[name] = merged_delta
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -193,9 +211,9 @@ class Linear(nn.Module, S2FTLayer):
             return
         weight = linear_weight(self.get_base_layer())
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.s2ft_delta:
-                self._add_delta(weight.data, name, -1.0)
+            merged_delta = self._merged.pop(self.merged_adapters.pop(), None)
+            if merged_delta is not None:
+                self._add_delta(weight.data, merged_delta, -1.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

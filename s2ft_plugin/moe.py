@@ -419,6 +419,7 @@ class Experts(nn.Module, S2FTLayer):
         self._indices_seen: dict[str, tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        self._merged: dict[str, list] = {}  # adapter -> what merging it added (_merged_deltas), for an exact unmerge
         self._active_adapter = adapter_name
         self._signature = inspect.signature(base_layer.forward)
         self.kwargs = kwargs
@@ -480,11 +481,9 @@ class Experts(nn.Module, S2FTLayer):
         return delta.shape[2] if part == "down_proj" else delta.shape[1]
 
     # ------------------------------------------------------------------ merging
-    def _parameter_view(self, adapter_name: str, part: str):
-        """(base parameter, dim, scatter index, delta) placing the delta of ``part`` into the base weight."""
+    def _parameter_view(self, channels: torch.Tensor, delta: torch.Tensor, part: str):
+        """(base parameter, dim, scatter index, delta) placing ``part``'s delta over ``channels`` into the base weight."""
         experts = self.get_base_layer()
-        channels = self.s2ft_indices[adapter_name]
-        delta = getattr(self, EXPERT_DELTAS[part])[adapter_name].detach()
         if part == "down_proj":
             weight, lines = experts.down_proj, channels
             columns = not self.layout.transposed  # (E, H, I): channels are columns; (E, I, H): rows
@@ -496,11 +495,18 @@ class Experts(nn.Module, S2FTLayer):
             return weight, 2, lines[:, None, :].expand(-1, weight.shape[1], -1), delta
         return weight, 1, lines[:, :, None].expand(-1, -1, weight.shape[2]), delta.transpose(1, 2)
 
-    def _add_deltas(self, adapter_name: str, sign: float, target: Optional[dict] = None) -> None:
-        for part in self.parts(adapter_name):
-            weight, dim, index, delta = self._parameter_view(adapter_name, part)
+    def _merged_deltas(self, adapter_name: str) -> list[tuple]:
+        """What merging the adapter adds (its parts' views over copies of its channels and deltas), kept until it is
+        unmerged, so that unmerging subtracts exactly that even if the adapter is written meanwhile (a loader)."""
+        channels = self.s2ft_indices[adapter_name].clone()
+        return [self._parameter_view(channels, getattr(self, EXPERT_DELTAS[part])[adapter_name].detach().clone(), part)
+                for part in self.parts(adapter_name)]
+
+    @staticmethod
+    def _add_deltas(merged_deltas: list[tuple], sign: float, target: Optional[dict] = None) -> None:
+        for weight, dim, index, delta in merged_deltas:
             data = weight.data if target is None else target[id(weight)]
-            data.scatter_add_(dim, index.to(data.device), (sign * delta).to(data.dtype))
+            data.scatter_add_(dim, index.to(data.device), (sign * delta).to(data.device, data.dtype))
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -508,15 +514,17 @@ class Experts(nn.Module, S2FTLayer):
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.s2ft_indices]
         experts = self.get_base_layer()
         for name in adapter_names:
+            merged_deltas = self._merged_deltas(name)
             if safe_merge:
                 merged = {id(p): p.data.clone() for p in (experts.gate_up_proj, experts.down_proj)}
-                self._add_deltas(name, 1.0, merged)
+                self._add_deltas(merged_deltas, 1.0, merged)
                 if not all(torch.isfinite(value).all() for value in merged.values()):
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 experts.gate_up_proj.data.copy_(merged[id(experts.gate_up_proj)])
                 experts.down_proj.data.copy_(merged[id(experts.down_proj)])
             else:
-                self._add_deltas(name, 1.0)
+                self._add_deltas(merged_deltas, 1.0)
+            self._merged[name] = merged_deltas
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -525,9 +533,9 @@ class Experts(nn.Module, S2FTLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.s2ft_indices:
-                self._add_deltas(name, -1.0)
+            merged_deltas = self._merged.pop(self.merged_adapters.pop(), None)
+            if merged_deltas is not None:
+                self._add_deltas(merged_deltas, -1.0)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

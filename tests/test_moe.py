@@ -3,7 +3,7 @@ model, the adapter written into a dense copy of the expert weights, full fine-tu
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import s2ft_plugin
@@ -122,6 +122,23 @@ def test_default_config_trains_heads_and_expert_channels(arch, ids):
     layer = model.base_model.model.get_submodule(experts_paths(base)[0])
     assert isinstance(layer, Experts)
     assert layer.s2ft_indices["default"].shape == (4, round(0.05 * 96))  # channel_ratio of every expert's channels
+
+
+def test_unmerge_after_loading_into_merged_experts_restores_the_base(ids):
+    """Expert deltas and channels written into a merged adapter (a loader) must not change what unmerging subtracts."""
+    base_logits = build("mixtral")(ids).logits
+    options = dict(task_type="CAUSAL_LM", target_modules=["down_proj", "gate_up_proj"], channel_ratio=0.1,
+                   init_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(build("mixtral"), S2FTConfig(**options, seed=0))
+    other = get_peft_model(build("mixtral"), S2FTConfig(**options, seed=5))
+    model.merge_adapter()
+    set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    model.unmerge_adapter()
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])

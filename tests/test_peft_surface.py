@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo
 from helpers import ALL_PROJECTIONS, INPUT_SIDE, dense_merge, reference_model, saved_adapter
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import s2ft_plugin
@@ -122,6 +122,22 @@ def test_switching_adapters_by_merging_matches_each_adapter_merged_densely(tmp_p
     model.unmerge_adapter()
     with model.disable_adapter():
         torch.testing.assert_close(logits(model, ids), base, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerge_after_loading_into_a_merged_adapter_restores_the_base():
+    """Weights and indices written into a merged adapter (a loader) must not change what unmerging subtracts: the
+    base comes back exactly, and the new adapter then applies."""
+    base = build_model("mistral")
+    ids = torch.randint(3, 384, (2, 5), generator=torch.Generator().manual_seed(0))
+    model = s2ft(build_model("mistral"), seed=0).eval()
+    torch.manual_seed(5)  # other deltas on other units (the selection's own seed)
+    other = get_peft_model(build_model("mistral"), S2FTConfig(task_type="CAUSAL_LM", init_weights=False, seed=5)).eval()
+    model.merge_adapter()
+    set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, ids), logits(other, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_adapter_batches_refuse_what_they_cannot_serve(tmp_path):

@@ -4,7 +4,7 @@ import math
 import warnings
 from contextvars import ContextVar
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ class S2FTLayer(BaseTunerLayer):
         self._indices_seen: dict[str, tuple] = {}  # adapter -> _stamp of the indices its positions were derived from
         self._disable_adapters = False
         self.merged_adapters = []
-        self._merged: dict[str, tuple] = {}  # adapter -> what merging it added (_merged_delta), for an exact unmerge
+        self._merged: dict[str, MergedDelta] = {}  # adapter -> what merging it added, for an exact unmerge
         self.out_features, self.in_features = linear_shape(self.get_base_layer())
         self.kwargs = kwargs
 
@@ -109,6 +109,17 @@ def _stamp(tensor: torch.Tensor) -> tuple:
     return id(tensor), tensor._version
 
 
+class MergedDelta(NamedTuple):
+    """A delta as it was merged: its values, its indices (original coordinates) and the block's unit order then, with
+    the positions and start that order gave them."""
+
+    delta: torch.Tensor
+    indices: torch.Tensor
+    order: torch.Tensor
+    positions: torch.Tensor
+    start: Optional[int]
+
+
 def _contiguous_start(positions: torch.Tensor) -> Optional[int]:
     """The first position when ``positions`` are consecutive (a co-permuted selection), else None."""
     start = int(positions[0])
@@ -167,24 +178,25 @@ class Linear(nn.Module, S2FTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, indices, init_weights)
 
-    def _merged_delta(self, adapter_name: str) -> tuple:
-        """(delta, indices), copied: what merging the adapter adds, kept until it is unmerged, so that unmerging
-        subtracts exactly that even if the adapter's weights or indices are written meanwhile (a loader, whose load
-        may also lay the model out anew: the indices are in the original coordinates)."""
-        return self.s2ft_delta[adapter_name].detach().clone(), self.s2ft_indices[adapter_name].clone()
+    def _merged_delta(self, adapter_name: str) -> MergedDelta:
+        """What merging the adapter adds, copied and kept until it is unmerged, so that unmerging subtracts exactly
+        that even if the adapter's weights or indices are written meanwhile (a loader)."""
+        layout, block, _ = self._s2ft_place
+        return MergedDelta(self.s2ft_delta[adapter_name].detach().clone(), self.s2ft_indices[adapter_name].clone(),
+                           layout.order(block).clone(), self.s2ft_positions[adapter_name], self.s2ft_start[adapter_name])
 
-    def _add_delta(self, weight: torch.Tensor, merged_delta: tuple, sign: float) -> None:
-        """Adds a _merged_delta into the rows/columns it covers in the current layout (a switch by merging touches
-        only those)."""
-        delta, indices = merged_delta
+    def _add_delta(self, weight: torch.Tensor, merged: MergedDelta, sign: float) -> None:
+        """Adds a merged delta into the rows/columns it covers (a switch by merging touches only those)."""
         layout, block, projection = self._s2ft_place
-        positions = layout.positions(block, projection, indices).to(weight.device)
-        delta, dim = delta.to(weight.device, weight.dtype), (0 if self.side == "output" else 1)
-        start = _contiguous_start(positions)
+        positions, start = merged.positions, merged.start
+        if not torch.equal(layout.order(block), merged.order):  # laid out anew (a load): its lines moved with them
+            positions = layout.positions(block, projection, merged.indices)
+            start = _contiguous_start(positions)
+        delta, dim = merged.delta.to(weight.device, weight.dtype), (0 if self.side == "output" else 1)
         if start is not None:  # co-permuted: one contiguous block, several times faster than index_add_
             weight.narrow(dim, start, delta.shape[dim]).add_(delta, alpha=sign)
         else:
-            weight.index_add_(dim, positions, delta, alpha=sign)
+            weight.index_add_(dim, positions.to(weight.device), delta, alpha=sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self.sync_positions()

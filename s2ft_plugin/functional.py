@@ -55,17 +55,23 @@ def _own_linear(x, weight, bias) -> torch.Tensor:
     return out.clone() if out._is_view() else out
 
 
-def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
-    """``base(x) + x[..., S] @ D.T`` without autograd (inference): the base output computed here is updated in
-    place; nothing is saved."""
+def _input_side_sum(x, delta, positions, start, weight, bias, base_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """``base(x) + x[..., S] @ D.T`` as a tensor of its own (see _own_linear), and ``x[..., S]`` in its dtype."""
     x2d = x.reshape(-1, x.shape[-1])
-    if base_out is None:
-        out = F.linear(x2d, weight, bias)
-        out.addmm_(_as(_gather(x2d, positions, start), out), _as(delta, out).t())
-        return out.view(*x.shape[:-1], out.shape[-1])
-    base2d = base_out.reshape(-1, base_out.shape[-1])
-    return torch.addmm(base2d, _as(_gather(x2d, positions, start), base2d), _as(delta, base2d).t()).view(
-        base_out.shape)
+    if base_out is None:  # the delta is added into the frozen product in place
+        out = _own_linear(x, weight, bias)
+        selected = _as(_gather(x2d, positions, start), out)
+        _rows(out).addmm_(selected, _as(delta, out).t())
+    else:  # the base's output is left as it was, and the sum written into a tensor of the output's shape
+        out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
+        selected = _as(_gather(x2d, positions, start), out)
+        torch.addmm(base_out.reshape(-1, out.shape[-1]), selected, _as(delta, out).t(), out=_rows(out))
+    return out, selected
+
+
+def input_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
+    """``base(x) + x[..., S] @ D.T`` without autograd (inference): nothing is saved."""
+    return _input_side_sum(x, delta, positions, start, weight, bias, base_out)[0]
 
 
 def output_side(x, delta, positions, start, weight=None, bias=None, base_out=None) -> torch.Tensor:
@@ -84,15 +90,7 @@ class InputSideDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, positions, start, weight=None, bias=None, base_out=None):
         ctx.fused = base_out is None
-        x2d = x.reshape(-1, x.shape[-1])
-        if ctx.fused:  # the delta is added into the frozen product in place
-            out = _own_linear(x, weight, bias)
-            selected = _as(_gather(x2d, positions, start), out)
-            _rows(out).addmm_(selected, _as(delta, out).t())
-        else:  # the base's output is left as it was, and the sum written into a tensor of the output's shape
-            out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
-            selected = _as(_gather(x2d, positions, start), out)
-            torch.addmm(base_out.reshape(-1, out.shape[-1]), selected, _as(delta, out).t(), out=_rows(out))
+        out, selected = _input_side_sum(x, delta, positions, start, weight, bias, base_out)
         selected = selected.contiguous() if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(selected, delta, positions, weight if ctx.fused else None)
         ctx.start, ctx.x_shape, ctx.x_dtype = start, x.shape, x.dtype
